@@ -1,0 +1,102 @@
+"""An in-memory event store: for unit tests of the domain and application only.
+
+It keeps the same contract as the SQL store (the contract test suite runs against both), but
+nothing survives the process. Production code never wires it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+from continuum.application.ports import AppendResult, EventStore
+from continuum.domain.commands import Identity
+from continuum.domain.errors import ConcurrencyConflict, Duplicate
+from continuum_events import PatientEvent
+
+
+class InMemoryEventStore(EventStore):
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._log: list[PatientEvent] = []
+        self._streams: dict[str, list[PatientEvent]] = {}
+        self._ids: set[str] = set()
+        self._idempotency: dict[str, tuple[str | None, AppendResult]] = {}
+        self._identities: dict[str, Identity] = {}
+
+    def append(
+        self,
+        stream_id: str,
+        expected_version: int,
+        events: Sequence[PatientEvent],
+        *,
+        idempotency_key: str | None = None,
+        request_hash: str | None = None,
+        identity: Identity | None = None,
+    ) -> AppendResult:
+        if not events:
+            raise ValueError("append needs at least one event")
+        with self._lock:
+            if idempotency_key is not None and idempotency_key in self._idempotency:
+                prior = self.find_idempotent(idempotency_key, request_hash)
+                assert prior is not None
+                return prior
+            stream = self._streams.get(stream_id, [])
+            if len(stream) != expected_version:
+                raise ConcurrencyConflict(stream_id, expected_version, len(stream))
+            if any(str(e.event_id) in self._ids for e in events):
+                raise Duplicate("an event with one of these event ids is already stored")
+            if identity is not None and identity.mrn is not None:
+                for owner, known in self._identities.items():
+                    if known.mrn == identity.mrn:
+                        raise Duplicate(
+                            f"MRN is already registered to patient {owner}",
+                            rule="identity.duplicate_mrn",
+                            field="identity.mrn",
+                        )
+            placed = []
+            for offset, event in enumerate(events, start=1):
+                if event.stream_version != expected_version + offset:
+                    raise ValueError(f"event {event.event_id} has the wrong stream_version")
+                stored = event.model_copy(update={"position": len(self._log) + 1})
+                self._log.append(stored)
+                placed.append(stored)
+                self._ids.add(str(event.event_id))
+            self._streams[stream_id] = [*stream, *placed]
+            if identity is not None:
+                self._identities[stream_id] = identity
+            result = AppendResult(stream_id, placed[-1].stream_version, tuple(placed))
+            if idempotency_key is not None:
+                self._idempotency[idempotency_key] = (
+                    request_hash,
+                    AppendResult(stream_id, result.stream_version, result.events, replayed=True),
+                )
+            return result
+
+    def read_stream(self, stream_id: str) -> list[PatientEvent]:
+        return list(self._streams.get(stream_id, []))
+
+    def read_all(self, after: int = 0, limit: int = 1000) -> list[PatientEvent]:
+        return self._log[after : after + limit]
+
+    def find_idempotent(self, key: str, request_hash: str | None = None) -> AppendResult | None:
+        found = self._idempotency.get(key)
+        if found is None:
+            return None
+        first_hash, result = found
+        if request_hash is not None and first_hash not in (None, request_hash):
+            raise Duplicate(
+                f"idempotency key {key!r} was already used for a different command",
+                rule="idempotency.key_reused",
+                field="idempotency_key",
+            )
+        return result
+
+    def identity(self, stream_id: str) -> Identity | None:
+        return self._identities.get(stream_id)
+
+    def head_position(self) -> int:
+        return len(self._log)
+
+    def stream_ids(self) -> list[str]:
+        return sorted(self._streams)

@@ -1,0 +1,352 @@
+"""The SQL event store: one code path for SQLite and PostgreSQL.
+
+Global order without a global writer lock
+-----------------------------------------
+A position taken from a sequence at insert time is unsafe: writer A takes 10, writer B takes
+11, B commits first, a tailing reader sees 11 and moves its checkpoint past 10 before A commits.
+Locking the table for every insert (what most stores do) fixes that by serializing all writers.
+
+Here writers never wait on each other. An append inserts its events and one `event_pending`
+row each, and commits. Positions are assigned afterwards by a *sequencer*: a transaction that
+holds the sequencer lock (a PostgreSQL transaction-level advisory lock), reads the pending rows
+that are visible to it, i.e. committed, numbers them max(position)+1, +2, ... in row order,
+writes them to `event_log` and removes them from `event_pending`. Because only committed rows
+are ever numbered, and numbering is serialized by the lock, a position becomes visible only
+when every lower position already is: a reader tailing `event_log` cannot skip anything, and
+positions are dense (no gaps from rolled-back transactions).
+
+Who sequences: a writer tries the lock *without waiting* (`pg_try_advisory_xact_lock`) at the
+end of its own transaction and, if it gets it, numbers everything pending including its own
+rows, which then become visible atomically with its commit. A writer that finds the lock taken
+just commits. Readers (`read_all`, `sequence`) take the lock *waiting*, so whatever a writer
+left pending is numbered before anyone reads by position. Per-patient order holds because a
+stream's version k+1 is inserted only after version k committed, so k always gets the lower
+position.
+
+SQLite serializes writers itself (every write transaction begins IMMEDIATE), so there the
+lock is the database's own and the same code runs unchanged.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from sqlalchemy import Connection, Engine, Row, delete, func, insert, select, text
+from sqlalchemy.exc import IntegrityError
+
+from continuum.adapters.sql import tables as t
+from continuum.adapters.sql.database import BEGIN_MODE, is_sqlite
+from continuum.application.ports import AppendResult, EventStore
+from continuum.domain.commands import Identity
+from continuum.domain.errors import ConcurrencyConflict, Duplicate
+from continuum_events import PatientEvent, parse_event
+
+_EVENT_COLUMNS = (
+    t.events.c.row_id,
+    t.events.c.event_id,
+    t.events.c.event_type,
+    t.events.c.schema_version,
+    t.events.c.stream_id,
+    t.events.c.stream_version,
+    t.events.c.occurred_at,
+    t.events.c.recorded_at,
+    t.events.c.actor_id,
+    t.events.c.actor_role,
+    t.events.c.correlation_id,
+    t.events.c.causation_id,
+    t.events.c.policy_id,
+    t.events.c.policy_version,
+    t.events.c.data,
+)
+
+
+class SqlEventStore(EventStore):
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._sqlite = is_sqlite(engine)
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def append(
+        self,
+        stream_id: str,
+        expected_version: int,
+        events: Sequence[PatientEvent],
+        *,
+        idempotency_key: str | None = None,
+        request_hash: str | None = None,
+        identity: Identity | None = None,
+    ) -> AppendResult:
+        if not events:
+            raise ValueError("append needs at least one event")
+        for offset, event in enumerate(events, start=1):
+            if event.stream_id != stream_id or event.stream_version != expected_version + offset:
+                raise ValueError(
+                    f"event {event.event_id} is for {event.stream_id} v{event.stream_version}; "
+                    f"expected {stream_id} v{expected_version + offset}"
+                )
+        try:
+            with self.engine.begin() as conn:
+                actual = self._stream_version(conn, stream_id)
+                if actual != expected_version:
+                    raise ConcurrencyConflict(stream_id, expected_version, actual)
+                if idempotency_key is not None:
+                    conn.execute(
+                        insert(t.idempotency_keys).values(
+                            key=idempotency_key,
+                            request_hash=request_hash,
+                            stream_id=stream_id,
+                            event_ids=[str(e.event_id) for e in events],
+                            recorded_at=_utc(events[0].recorded_at),
+                        )
+                    )
+                own_rows: list[int] = []
+                for event in events:
+                    row_id = conn.execute(
+                        insert(t.events).values(**_to_row(event)).returning(t.events.c.row_id)
+                    ).scalar_one()
+                    own_rows.append(row_id)
+                conn.execute(insert(t.event_pending), [{"row_id": r} for r in own_rows])
+                if identity is not None:
+                    conn.execute(
+                        insert(t.patient_identities).values(
+                            patient_key=stream_id, **identity.model_dump()
+                        )
+                    )
+                numbered = self._sequence(conn, wait=False)
+        except IntegrityError as exc:
+            return self._explain_conflict(
+                exc, stream_id, expected_version, events, idempotency_key, request_hash, identity
+            )
+        placed = tuple(
+            e.model_copy(update={"position": numbered[r]}) if r in numbered else e
+            for e, r in zip(events, own_rows, strict=True)
+        )
+        return AppendResult(stream_id, events[-1].stream_version, placed)
+
+    def _explain_conflict(
+        self,
+        exc: IntegrityError,
+        stream_id: str,
+        expected_version: int,
+        events: Sequence[PatientEvent],
+        idempotency_key: str | None,
+        request_hash: str | None,
+        identity: Identity | None,
+    ) -> AppendResult:
+        """Turn a unique-key violation into the domain's specific answer."""
+        if idempotency_key is not None:
+            prior = self.find_idempotent(idempotency_key, request_hash)
+            if prior is not None:
+                return prior
+        with self._reader() as conn:
+            actual = self._stream_version(conn, stream_id)
+            if actual != expected_version:
+                raise ConcurrencyConflict(stream_id, expected_version, actual) from exc
+            ids = [str(e.event_id) for e in events]
+            if conn.scalar(select(t.events.c.event_id).where(t.events.c.event_id.in_(ids))):
+                raise Duplicate(
+                    "an event with one of these event ids is already stored",
+                    rule="event.duplicate_id",
+                    field="event_id",
+                ) from exc
+            if identity is not None and identity.mrn is not None:
+                owner = conn.scalar(
+                    select(t.patient_identities.c.patient_key).where(
+                        t.patient_identities.c.mrn == identity.mrn
+                    )
+                )
+                if owner is not None:
+                    raise Duplicate(
+                        f"MRN is already registered to patient {owner}",
+                        rule="identity.duplicate_mrn",
+                        field="identity.mrn",
+                        patient=owner,
+                    ) from exc
+        raise exc
+
+    # -- sequencing -------------------------------------------------------------------------
+
+    def sequence(self) -> int:
+        """Number every committed pending event; return how many were numbered."""
+        with self._reader() as conn:
+            if conn.scalar(select(t.event_pending.c.row_id).limit(1)) is None:
+                return 0
+        with self.engine.begin() as conn:
+            return len(self._sequence(conn, wait=True))
+
+    def _sequence(self, conn: Connection, *, wait: bool) -> dict[int, int]:
+        if not self._lock_sequencer(conn, wait=wait):
+            return {}
+        pending = list(
+            conn.execute(select(t.event_pending.c.row_id).order_by(t.event_pending.c.row_id))
+            .scalars()
+            .all()
+        )
+        if not pending:
+            return {}
+        top = conn.scalar(select(func.coalesce(func.max(t.event_log.c.position), 0)))
+        numbered = {row_id: int(top or 0) + i for i, row_id in enumerate(pending, start=1)}
+        conn.execute(
+            insert(t.event_log), [{"position": p, "row_id": r} for r, p in numbered.items()]
+        )
+        for chunk in _chunks(pending, 500):
+            conn.execute(delete(t.event_pending).where(t.event_pending.c.row_id.in_(chunk)))
+        return numbered
+
+    def _lock_sequencer(self, conn: Connection, *, wait: bool) -> bool:
+        if self._sqlite:
+            return True  # BEGIN IMMEDIATE already holds the database's write lock
+        key = "hashtext('continuum.sequencer:' || current_schema())"
+        if wait:
+            conn.execute(text(f"SELECT pg_advisory_xact_lock({key})"))
+            return True
+        return bool(conn.scalar(text(f"SELECT pg_try_advisory_xact_lock({key})")))
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def read_stream(self, stream_id: str) -> list[PatientEvent]:
+        query = (
+            select(*_EVENT_COLUMNS, t.event_log.c.position)
+            .select_from(t.events.outerjoin(t.event_log, t.event_log.c.row_id == t.events.c.row_id))
+            .where(t.events.c.stream_id == stream_id)
+            .order_by(t.events.c.stream_version)
+        )
+        with self._reader() as conn:
+            return [_from_row(row) for row in conn.execute(query)]
+
+    def read_all(self, after: int = 0, limit: int = 1000) -> list[PatientEvent]:
+        self.sequence()
+        query = (
+            select(*_EVENT_COLUMNS, t.event_log.c.position)
+            .select_from(t.event_log.join(t.events, t.event_log.c.row_id == t.events.c.row_id))
+            .where(t.event_log.c.position > after)
+            .order_by(t.event_log.c.position)
+            .limit(limit)
+        )
+        with self._reader() as conn:
+            return [_from_row(row) for row in conn.execute(query)]
+
+    def find_idempotent(self, key: str, request_hash: str | None = None) -> AppendResult | None:
+        with self._reader() as conn:
+            record = conn.execute(
+                select(t.idempotency_keys).where(t.idempotency_keys.c.key == key)
+            ).first()
+            if record is None:
+                return None
+            if request_hash is not None and record.request_hash not in (None, request_hash):
+                raise Duplicate(
+                    f"idempotency key {key!r} was already used for a different command",
+                    rule="idempotency.key_reused",
+                    field="idempotency_key",
+                )
+            ids = list(record.event_ids)
+            rows = conn.execute(
+                select(*_EVENT_COLUMNS, t.event_log.c.position)
+                .select_from(
+                    t.events.outerjoin(t.event_log, t.event_log.c.row_id == t.events.c.row_id)
+                )
+                .where(t.events.c.event_id.in_(ids))
+                .order_by(t.events.c.stream_version)
+            ).all()
+        events = tuple(_from_row(row) for row in rows)
+        return AppendResult(record.stream_id, events[-1].stream_version, events, replayed=True)
+
+    def identity(self, stream_id: str) -> Identity | None:
+        with self._reader() as conn:
+            row = conn.execute(
+                select(
+                    t.patient_identities.c.given_name,
+                    t.patient_identities.c.family_name,
+                    t.patient_identities.c.birth_date,
+                    t.patient_identities.c.mrn,
+                ).where(t.patient_identities.c.patient_key == stream_id)
+            ).first()
+        return None if row is None else Identity.model_validate(row._asdict())
+
+    def head_position(self) -> int:
+        self.sequence()
+        with self._reader() as conn:
+            return int(conn.scalar(select(func.coalesce(func.max(t.event_log.c.position), 0))) or 0)
+
+    def stream_ids(self) -> list[str]:
+        with self._reader() as conn:
+            return list(
+                conn.execute(select(t.events.c.stream_id).distinct().order_by(t.events.c.stream_id))
+                .scalars()
+                .all()
+            )
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _reader(self) -> Connection:
+        conn = self.engine.connect()
+        if self._sqlite:
+            conn = conn.execution_options(**{BEGIN_MODE: "DEFERRED"})
+        return conn
+
+    @staticmethod
+    def _stream_version(conn: Connection, stream_id: str) -> int:
+        version = conn.scalar(
+            select(func.max(t.events.c.stream_version)).where(t.events.c.stream_id == stream_id)
+        )
+        return int(version or 0)
+
+
+def _utc(value: dt.datetime) -> dt.datetime:
+    return value.astimezone(dt.UTC)
+
+
+def _as_utc(value: dt.datetime) -> dt.datetime:
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+def _to_row(event: PatientEvent) -> dict[str, Any]:
+    body = event.model_dump(mode="json")
+    return {
+        "event_id": str(event.event_id),
+        "stream_id": event.stream_id,
+        "stream_version": event.stream_version,
+        "event_type": event.event_type,
+        "schema_version": event.schema_version,
+        "occurred_at": _utc(event.occurred_at),
+        "recorded_at": _utc(event.recorded_at),
+        "actor_id": event.actor.id,
+        "actor_role": event.actor.role.value,
+        "correlation_id": str(event.correlation_id),
+        "causation_id": str(event.causation_id),
+        "policy_id": event.policy.id if event.policy else None,
+        "policy_version": event.policy.version if event.policy else None,
+        "data": body["data"],
+    }
+
+
+def _from_row(row: Row[Any]) -> PatientEvent:
+    m = row._mapping
+    policy = (
+        {"id": m["policy_id"], "version": m["policy_version"]} if m["policy_id"] is not None else None
+    )
+    return parse_event(
+        {
+            "event_id": m["event_id"],
+            "event_type": m["event_type"],
+            "schema_version": m["schema_version"],
+            "stream_id": m["stream_id"],
+            "stream_version": m["stream_version"],
+            "position": m["position"],
+            "occurred_at": _as_utc(m["occurred_at"]),
+            "recorded_at": _as_utc(m["recorded_at"]),
+            "actor": {"id": m["actor_id"], "role": m["actor_role"]},
+            "correlation_id": m["correlation_id"],
+            "causation_id": m["causation_id"],
+            "policy": policy,
+            "data": m["data"],
+        }
+    )
+
+
+def _chunks(items: Sequence[int], size: int) -> Iterable[Sequence[int]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

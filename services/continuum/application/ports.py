@@ -1,0 +1,79 @@
+"""Ports: what the application needs from the outside world. Adapters implement them."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from continuum.domain.commands import Identity
+from continuum_events import PatientEvent
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    stream_id: str
+    stream_version: int
+    events: tuple[PatientEvent, ...]
+    #: True when an idempotency key matched: nothing new was written, `events` are the first run's.
+    replayed: bool = False
+
+
+class EventStore(abc.ABC):
+    """The append-only event log: the source of truth.
+
+    Guarantees every implementation must keep (tests/integration/test_event_store_contract.py):
+    - `append` is atomic: all events (and the identity, and the idempotency record) or nothing.
+    - `append` with a stale `expected_version` raises `ConcurrencyConflict(expected, actual)`.
+    - an `idempotency_key` already used returns the first result and writes nothing.
+    - `read_all(after)` returns committed events in dense global `position` order, and a
+      reader tailing it never skips an event that a slower writer commits late.
+    - nothing is updated or deleted.
+    """
+
+    @abc.abstractmethod
+    def append(
+        self,
+        stream_id: str,
+        expected_version: int,
+        events: Sequence[PatientEvent],
+        *,
+        idempotency_key: str | None = None,
+        request_hash: str | None = None,
+        identity: Identity | None = None,
+    ) -> AppendResult: ...
+
+    @abc.abstractmethod
+    def read_stream(self, stream_id: str) -> list[PatientEvent]:
+        """One patient's events in stream_version order."""
+
+    @abc.abstractmethod
+    def read_all(self, after: int = 0, limit: int = 1000) -> list[PatientEvent]:
+        """Committed events with position > `after`, in position order, at most `limit`."""
+
+    def iter_all(self, after: int = 0, batch: int = 1000) -> Iterator[PatientEvent]:
+        """Every committed event after `after`, page by page."""
+        while True:
+            page = self.read_all(after, batch)
+            if not page:
+                return
+            yield from page
+            last = page[-1].position
+            assert last is not None
+            after = last
+
+    @abc.abstractmethod
+    def find_idempotent(self, key: str, request_hash: str | None = None) -> AppendResult | None:
+        """The first result recorded under `key`, or None. A different request_hash raises."""
+
+    @abc.abstractmethod
+    def identity(self, stream_id: str) -> Identity | None:
+        """Identifying data for a patient key (kept apart from events)."""
+
+    @abc.abstractmethod
+    def head_position(self) -> int:
+        """The highest position assigned so far (0 for an empty log)."""
+
+    @abc.abstractmethod
+    def stream_ids(self) -> list[str]:
+        """Every patient key that has events."""
