@@ -31,7 +31,12 @@ def bootstrap(settings: Settings, *, clock: Clock = utc_now, migrate: bool | Non
     PostgreSQL must be migrated explicitly with `continuum db upgrade`."""
     policies = PolicyRegistry.bundled(settings.policy, settings.policy_dirs)
     engine = create_database_engine(settings.database_url)
-    if migrate is not False:
-        ensure_ready(engine, auto_upgrade=migrate if migrate is not None else is_sqlite(engine))
+    try:
+        if migrate is not False:
+            auto = migrate if migrate is not None else is_sqlite(engine)
+            ensure_ready(engine, auto_upgrade=auto)
+    except BaseException:
+        engine.dispose()
+        raise
     store = SqlEventStore(engine)
     return App(settings, engine, store, policies, PatientService(store, policies, clock))

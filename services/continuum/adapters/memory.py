@@ -36,6 +36,12 @@ class InMemoryEventStore(EventStore):
     ) -> AppendResult:
         if not events:
             raise ValueError("append needs at least one event")
+        for offset, event in enumerate(events, start=1):
+            if event.stream_id != stream_id or event.stream_version != expected_version + offset:
+                raise ValueError(
+                    f"event {event.event_id} is for {event.stream_id} v{event.stream_version}; "
+                    f"expected {stream_id} v{expected_version + offset}"
+                )
         with self._lock:
             if idempotency_key is not None and idempotency_key in self._idempotency:
                 prior = self.find_idempotent(idempotency_key, request_hash)
@@ -44,8 +50,13 @@ class InMemoryEventStore(EventStore):
             stream = self._streams.get(stream_id, [])
             if len(stream) != expected_version:
                 raise ConcurrencyConflict(stream_id, expected_version, len(stream))
-            if any(str(e.event_id) in self._ids for e in events):
-                raise Duplicate("an event with one of these event ids is already stored")
+            ids = [str(e.event_id) for e in events]
+            if len(set(ids)) != len(ids) or any(i in self._ids for i in ids):
+                raise Duplicate(
+                    "an event with one of these event ids is already stored",
+                    rule="event.duplicate_id",
+                    field="event_id",
+                )
             if identity is not None and identity.mrn is not None:
                 for owner, known in self._identities.items():
                     if known.mrn == identity.mrn:
@@ -53,11 +64,10 @@ class InMemoryEventStore(EventStore):
                             f"MRN is already registered to patient {owner}",
                             rule="identity.duplicate_mrn",
                             field="identity.mrn",
+                            patient=owner,
                         )
             placed = []
-            for offset, event in enumerate(events, start=1):
-                if event.stream_version != expected_version + offset:
-                    raise ValueError(f"event {event.event_id} has the wrong stream_version")
+            for event in events:
                 stored = event.model_copy(update={"position": len(self._log) + 1})
                 self._log.append(stored)
                 placed.append(stored)

@@ -39,7 +39,10 @@ def normalize_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
-def create_database_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Engine:
+def create_database_engine(
+    url: str, *, pool_size: int = 10, echo: bool = False, schema: str | None = None
+) -> Engine:
+    """An engine for `url`. `schema` (PostgreSQL only) puts every table in that schema."""
     url = normalize_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -48,8 +51,14 @@ def create_database_engine(url: str, *, pool_size: int = 10, echo: bool = False)
         engine = create_engine(url, echo=echo, connect_args={"timeout": 60})
         _configure_sqlite(engine)
         return engine
+    connect_args = {"options": f"-csearch_path={schema}"} if schema else {}
     return create_engine(
-        url, echo=echo, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
+        url,
+        echo=echo,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        connect_args=connect_args,
     )
 
 

@@ -87,6 +87,13 @@ class SqlEventStore(EventStore):
                     f"event {event.event_id} is for {event.stream_id} v{event.stream_version}; "
                     f"expected {stream_id} v{expected_version + offset}"
                 )
+        ids = [str(e.event_id) for e in events]
+        if len(set(ids)) != len(ids):
+            raise Duplicate(
+                "an event id appears twice in one append",
+                rule="event.duplicate_id",
+                field="event_id",
+            )
         try:
             with self.engine.begin() as conn:
                 actual = self._stream_version(conn, stream_id)
@@ -116,6 +123,13 @@ class SqlEventStore(EventStore):
                         )
                     )
                 numbered = self._sequence(conn, wait=False)
+        except ConcurrencyConflict:
+            # A retry of an append that already succeeded finds its stream moved on.
+            if idempotency_key is not None:
+                prior = self.find_idempotent(idempotency_key, request_hash)
+                if prior is not None:
+                    return prior
+            raise
         except IntegrityError as exc:
             return self._explain_conflict(
                 exc, stream_id, expected_version, events, idempotency_key, request_hash, identity

@@ -1,0 +1,84 @@
+"""Fixtures for real databases.
+
+PostgreSQL: CONTINUUM_TEST_DATABASE_URL (default: the local server's `continuum_test`
+database, which .ci/run creates). Every test gets its own schema, migrated with alembic, and
+dropped afterwards. If the server does not answer, the tests fail and say how to start it.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, text
+
+from continuum.adapters.memory import InMemoryEventStore
+from continuum.adapters.sql.database import create_database_engine
+from continuum.adapters.sql.migrate import upgrade
+from continuum.adapters.sql.store import SqlEventStore
+from continuum.application.ports import EventStore
+from continuum.domain.policy import PolicyRegistry
+
+DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/continuum_test"
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> str:
+    url = os.environ.get("CONTINUUM_TEST_DATABASE_URL", DEFAULT_PG_URL)
+    engine = create_database_engine(url)
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as exc:  # pragma: no cover - environment problem, reported clearly
+        pytest.fail(
+            f"PostgreSQL test database {url} does not answer ({exc.__class__.__name__}: {exc}). "
+            "Run `bash .ci/run` (it starts PostgreSQL and creates the database) or set "
+            "CONTINUUM_TEST_DATABASE_URL.",
+            pytrace=False,
+        )
+    finally:
+        engine.dispose()
+    return url
+
+
+@pytest.fixture
+def pg_engine(pg_url: str) -> Iterator[Engine]:
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = create_database_engine(pg_url)
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    engine = create_database_engine(pg_url, schema=schema, pool_size=12)
+    try:
+        upgrade(engine)
+        yield engine
+    finally:
+        engine.dispose()
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture
+def sqlite_engine(tmp_path: Path) -> Iterator[Engine]:
+    engine = create_database_engine(f"sqlite:///{tmp_path / 'events.sqlite3'}")
+    upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store(request: pytest.FixtureRequest) -> EventStore:
+    """The event store contract runs against every backend."""
+    if request.param == "memory":
+        return InMemoryEventStore()
+    fixture = {"sqlite": "sqlite_engine", "postgres": "pg_engine"}[request.param]
+    engine: Engine = request.getfixturevalue(fixture)
+    return SqlEventStore(engine)
+
+
+@pytest.fixture(scope="session")
+def policies() -> PolicyRegistry:
+    return PolicyRegistry.bundled()
