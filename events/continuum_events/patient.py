@@ -15,8 +15,8 @@ from pydantic import AwareDatetime, Field
 from continuum_events.codes import (
     AgeGroup,
     Code,
-    DischargeReason,
     Direction,
+    DischargeReason,
     Disposition,
     LevelCode,
     VarianceReason,

@@ -31,7 +31,9 @@ def register(event_type: str, from_version: int) -> Callable[[Upcaster], Upcaste
 def upcast(raw: RawEvent) -> RawEvent:
     """Apply registered upcasters until no further one applies."""
     current = raw
-    while (step := UPCASTERS.get((current["event_type"], int(current["schema_version"])))) is not None:
+    while (
+        step := UPCASTERS.get((current["event_type"], int(current["schema_version"])))
+    ) is not None:
         before = int(current["schema_version"])
         current = step(dict(current))
         if int(current["schema_version"]) != before + 1:

@@ -19,14 +19,16 @@ from continuum_events import (
 def summarize(event: PatientEvent) -> str:
     match event:
         case PatientAdmitted() | PatientReadmitted():
-            d = event.data
+            entry = event.data
             verb = "admitted" if isinstance(event, PatientAdmitted) else "readmitted"
             text = (
-                f"{verb} to {d.placement.level} at {d.placement.site} "
-                f"(episode {d.episode_number}, {d.age_group.value}); "
-                f"indicated {d.placement.indicated_level}, ratings {_ratings(d.assessment.ratings)}"
+                f"{verb} to {entry.placement.level} at {entry.placement.site} "
+                f"(episode {entry.episode_number}, {entry.age_group.value}); "
+                f"indicated {entry.placement.indicated_level}, "
+                f"ratings {_ratings(entry.assessment.ratings)}"
             )
-            return text + _variance(d.placement.variance_reason, d.placement.authorization_ref)
+            placement = entry.placement
+            return text + _variance(placement.variance_reason, placement.authorization_ref)
         case ReassessmentRecorded():
             a = event.data.assessment
             hours = f", {a.hours_scheduled:g} h/week" if a.hours_scheduled is not None else ""
@@ -36,25 +38,27 @@ def summarize(event: PatientEvent) -> str:
                 f"indicated {a.indicated_level}{hours}"
             )
         case LevelTransitioned():
-            d = event.data
-            site = f" at {d.placement.site}" if d.placement.site != d.from_site else ""
+            move = event.data
+            to = move.placement
+            site = f" at {to.site}" if to.site != move.from_site else ""
             return (
-                f"{d.direction.value.replace('_', '-')} {d.from_level} -> {d.placement.level}{site}"
-                f"; rests on reassessment {d.reassessment_event_id} "
-                f"({d.reassessment_age_days:.1f} days old), indicated {d.placement.indicated_level}"
-                + _variance(d.placement.variance_reason, d.placement.authorization_ref)
+                f"{move.direction.value.replace('_', '-')} {move.from_level} -> {to.level}{site}"
+                f"; rests on reassessment {move.reassessment_event_id} "
+                f"({move.reassessment_age_days:.1f} days old), indicated {to.indicated_level}"
+                + _variance(to.variance_reason, to.authorization_ref)
             )
         case AttendanceRecorded():
-            d = event.data
-            return f"attended {d.hours:g} h on {d.service_date} at {d.level}"
+            visit = event.data
+            return f"attended {visit.hours:g} h on {visit.service_date} at {visit.level}"
         case PatientDischarged():
-            d = event.data
+            exit_ = event.data
             return (
-                f"discharged from {d.from_level}: {d.reason.value}, disposition {d.disposition.value}"
+                f"discharged from {exit_.from_level}: {exit_.reason.value}, "
+                f"disposition {exit_.disposition.value}"
             )
         case EventVoided():
-            d = event.data
-            return f"voided {d.voided_event_type} {d.voided_event_id} ({d.reason.value})"
+            void = event.data
+            return f"voided {void.voided_event_type} {void.voided_event_id} ({void.reason.value})"
     return event.event_type  # pragma: no cover - every type is matched above
 
 

@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import text
-from typer.testing import CliRunner
-
 from continuum.adapters.sql.database import create_database_engine
 from continuum.entrypoints.cli import app
+from sqlalchemy import text
+from typer.testing import CliRunner
 
 runner = CliRunner()
 
@@ -85,37 +84,59 @@ def cli(request: pytest.FixtureRequest) -> Cli:
 def test_a_whole_journey(cli: Cli) -> None:
     pk = cli.admit("--given-name=Synthetic", "--family-name=Person", "--birth-date=1990-01-01")
     reassessed = cli.json(
-        "reassess", pk, "--ratings=0,0,1,2,0,0", "--hours=12",
-        "--occurred-at=2026-10-20T09:00:00+00:00", "--score=ciwa-ar=4",
+        "reassess",
+        pk,
+        "--ratings=0,0,1,2,0,0",
+        "--hours=12",
+        "--occurred-at=2026-10-20T09:00:00+00:00",
+        "--score=ciwa-ar=4",
     )
     assert reassessed["events"][0]["data"]["assessment"]["indicated_level"] == "2.1"
     moved = cli.json("transition", pk, "--to=2.1", "--occurred-at=2026-10-21T09:00:00+00:00")
     data = moved["events"][0]["data"]
     assert (data["from_level"], data["placement"]["level"], data["direction"]) == (
-        "3.5", "2.1", "step_down"
+        "3.5",
+        "2.1",
+        "step_down",
     )
     assert data["reassessment_event_id"] == reassessed["events"][0]["event_id"]
     cli("attend", pk, "--hours=3", "--date=2026-10-22", "--occurred-at=2026-10-22T12:00:00+00:00")
-    cli("discharge", pk, "--reason=dropped_out", "--disposition=aadvice",
-        "--occurred-at=2026-10-25T09:00:00+00:00")
+    cli(
+        "discharge",
+        pk,
+        "--reason=dropped_out",
+        "--disposition=aadvice",
+        "--occurred-at=2026-10-25T09:00:00+00:00",
+    )
     readmitted = cli.json(
-        "readmit", pk, "--level=3.7-WM", "--site=site-b", "--ratings=3,0,0,1,2,1",
+        "readmit",
+        pk,
+        "--level=3.7-WM",
+        "--site=site-b",
+        "--ratings=3,0,0,1,2,1",
         "--occurred-at=2026-11-01T09:00:00+00:00",
     )
     assert readmitted["events"][0]["data"]["episode_number"] == 2
-    mistaken = cli.json("reassess", pk, "--ratings=0,0,0,0,0,0",
-                        "--occurred-at=2026-11-02T09:00:00+00:00")
+    mistaken = cli.json(
+        "reassess", pk, "--ratings=0,0,0,0,0,0", "--occurred-at=2026-11-02T09:00:00+00:00"
+    )
     mistaken_id = mistaken["events"][0]["event_id"]
     cli("void", pk, mistaken_id, "--reason=wrong_patient")
 
     history = cli("history", pk).stdout
     assert f"patient {pk}: 3.7-WM at site-b" in history
     assert "step-down 3.5 -> 2.1" in history
-    assert f"VOID reassessed" in history
+    assert "VOID reassessed" in history
     timeline = cli.json("history", pk)
     assert [e["event_type"] for e in timeline] == [
-        "PatientAdmitted", "ReassessmentRecorded", "LevelTransitioned", "AttendanceRecorded",
-        "PatientDischarged", "PatientReadmitted", "ReassessmentRecorded", "EventVoided",
+        "PatientAdmitted",
+        "ReassessmentRecorded",
+        "LevelTransitioned",
+        "AttendanceRecorded",
+        "PatientDischarged",
+        "PatientReadmitted",
+        "ReassessmentRecorded",
+        "EventVoided",
     ]
     assert [e["stream_version"] for e in timeline] == list(range(1, 9))
 
@@ -129,15 +150,28 @@ def test_a_whole_journey(cli: Cli) -> None:
     assert [e["position"] for e in exported] == list(range(1, 9))
     for event in exported:
         assert set(event) >= {
-            "event_id", "event_type", "schema_version", "stream_id", "stream_version",
-            "position", "occurred_at", "recorded_at", "actor", "correlation_id",
-            "causation_id", "policy", "data",
+            "event_id",
+            "event_type",
+            "schema_version",
+            "stream_id",
+            "stream_version",
+            "position",
+            "occurred_at",
+            "recorded_at",
+            "actor",
+            "correlation_id",
+            "causation_id",
+            "policy",
+            "data",
         }
         assert event["actor"] == {"id": "cm-test", "role": "case_manager"}
         assert "Synthetic" not in json.dumps(event)
-    assert [e["position"] for e in json.loads(
-        "[" + ",".join(cli("log", "export", "--after=6").stdout.splitlines()) + "]"
-    )] == [7, 8]
+    assert [
+        e["position"]
+        for e in json.loads(
+            "[" + ",".join(cli("log", "export", "--after=6").stdout.splitlines()) + "]"
+        )
+    ] == [7, 8]
 
 
 def _refused(cli: Cli, code: int, *args: str) -> str:
@@ -149,8 +183,9 @@ def _refused(cli: Cli, code: int, *args: str) -> str:
 
 def test_every_error_is_specific_and_writes_nothing(cli: Cli) -> None:
     pk = cli.admit()
-    message = _refused(cli, 5, "transition", pk, "--to=2.1",
-                       "--occurred-at=2026-10-13T09:00:00+00:00")
+    message = _refused(
+        cli, 5, "transition", pk, "--to=2.1", "--occurred-at=2026-10-13T09:00:00+00:00"
+    )
     assert "step-down to 2.1 needs a reassessment within 7 days; latest is 12 days old" in message
     assert "reassessment.stale" in message and "asam-3@2026.1" in message
 
@@ -158,7 +193,9 @@ def test_every_error_is_specific_and_writes_nothing(cli: Cli) -> None:
         cli, 3, "transition", pk, "--to=9.9"
     )
     assert "is not allowed by policy" in _refused(cli, 5, "transition", pk, "--to=aftercare")
-    assert "rating for dimension 5 is '7'" in _refused(cli, 3, "reassess", pk, "--ratings=0,0,0,0,7,0")
+    assert "rating for dimension 5 is '7'" in _refused(
+        cli, 3, "reassess", pk, "--ratings=0,0,0,0,7,0"
+    )
     assert "missing 6" in _refused(cli, 3, "reassess", pk, "--ratings=0,0,0,0,0")
     assert "no patient with key pk-aaaaaaaaaaaaaaaaaaaa" in _refused(
         cli, 4, "reassess", "pk-aaaaaaaaaaaaaaaaaaaa", "--ratings=0,0,0,0,0,0"
@@ -198,8 +235,13 @@ def test_every_error_is_specific_and_writes_nothing(cli: Cli) -> None:
 
 def test_idempotency_key_makes_a_retry_safe(cli: Cli) -> None:
     pk = cli.admit()
-    args = ["reassess", pk, "--ratings=0,0,1,0,4,0", "--idempotency-key=req-42",
-            "--occurred-at=2026-10-02T09:00:00Z"]
+    args = [
+        "reassess",
+        pk,
+        "--ratings=0,0,1,0,4,0",
+        "--idempotency-key=req-42",
+        "--occurred-at=2026-10-02T09:00:00Z",
+    ]
     first = cli.json(*args)
     again = cli.json(*args)
     assert again["replayed"] is True
@@ -211,11 +253,21 @@ def test_idempotency_key_makes_a_retry_safe(cli: Cli) -> None:
 
 
 def test_duplicate_mrn_is_refused(cli: Cli) -> None:
-    cli.admit("--given-name=Synthetic", "--family-name=One", "--birth-date=1980-02-02",
-              "--mrn=SIM-0001")
-    message = _refused(cli, 7, "admit", "--level=3.5", "--site=s", "--ratings=0,0,1,0,4,0",
-                       "--given-name=Synthetic", "--family-name=Two",
-                       "--birth-date=1981-02-02", "--mrn=SIM-0001")
+    cli.admit(
+        "--given-name=Synthetic", "--family-name=One", "--birth-date=1980-02-02", "--mrn=SIM-0001"
+    )
+    message = _refused(
+        cli,
+        7,
+        "admit",
+        "--level=3.5",
+        "--site=s",
+        "--ratings=0,0,1,0,4,0",
+        "--given-name=Synthetic",
+        "--family-name=Two",
+        "--birth-date=1981-02-02",
+        "--mrn=SIM-0001",
+    )
     assert "MRN is already registered" in message
 
 
@@ -243,9 +295,7 @@ def test_simulated_cohort_is_realistic_and_its_census_adds_up(sqlite_cli: Cli) -
     directions = Counter(
         e["data"]["direction"] for e in events if e["event_type"] == "LevelTransitioned"
     )
-    reasons = Counter(
-        e["data"]["reason"] for e in events if e["event_type"] == "PatientDischarged"
-    )
+    reasons = Counter(e["data"]["reason"] for e in events if e["event_type"] == "PatientDischarged")
     assert types["PatientAdmitted"] == 300
     assert types["PatientReadmitted"] > 0
     assert directions["step_down"] > directions["step_up"] > 0
@@ -271,7 +321,11 @@ def test_console_script_runs_the_quick_start(tmp_path: Path) -> None:
     env = {**os.environ, "CONTINUUM_DATABASE_URL": f"sqlite:///{tmp_path / 'q.sqlite3'}"}
     done = subprocess.run(
         [str(exe), "simulate", "--patients=20", "--days=60", "--seed=2"],
-        env=env, capture_output=True, text=True, timeout=300, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     assert "Census as of" in done.stdout and "total" in done.stdout

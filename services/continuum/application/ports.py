@@ -6,8 +6,9 @@ import abc
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from continuum.domain.commands import Identity
 from continuum_events import PatientEvent
+
+from continuum.domain.commands import Identity
 
 
 @dataclass(frozen=True)

@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID, uuid4
 
+from continuum_events import Actor, ActorRole, PatientEvent, parse_event
+
 from continuum.application.ports import AppendResult, EventStore
 from continuum.domain import commands as c
 from continuum.domain import patient as p
 from continuum.domain.errors import ConcurrencyConflict, UnknownPatient
 from continuum.domain.policy import Policy, PolicyRegistry
-from continuum_events import Actor, ActorRole, PatientEvent, parse_event
 
 Clock = Callable[[], dt.datetime]
 
@@ -44,7 +45,9 @@ class CommandContext:
     idempotency_key: str | None = None
 
 
-_DECIDERS: dict[type[Any], Callable[[p.PatientState, Any, Policy, dt.datetime], list[p.Decision]]] = {
+_DECIDERS: dict[
+    type[Any], Callable[[p.PatientState, Any, Policy, dt.datetime], list[p.Decision]]
+] = {
     c.Admit: p.decide_admit,
     c.Readmit: p.decide_readmit,
     c.RecordReassessment: p.decide_reassessment,

@@ -6,10 +6,8 @@ Entrypoints (CLI, HTTP, Kafka consumers) build these; they never call the store 
 from __future__ import annotations
 
 import datetime as dt
-from uuid import UUID
-
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 from typing import Annotated
+from uuid import UUID
 
 from continuum_events.codes import (
     AgeGroup,
@@ -21,8 +19,11 @@ from continuum_events.codes import (
     VarianceReason,
     VoidReason,
 )
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
-PersonName = Annotated[str, StringConstraints(pattern=r"^[^\x00-\x1f<>{}]{1,100}$", strip_whitespace=True)]
+PersonName = Annotated[
+    str, StringConstraints(pattern=r"^[^\x00-\x1f<>{}]{1,100}$", strip_whitespace=True)
+]
 Mrn = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9\-]{1,32}$")]
 
 
@@ -118,4 +119,6 @@ class VoidEvent(_Command):
     occurred_at: AwareDatetime | None = None
 
 
-Command = Admit | Readmit | RecordReassessment | Transition | RecordAttendance | Discharge | VoidEvent
+Command = (
+    Admit | Readmit | RecordReassessment | Transition | RecordAttendance | Discharge | VoidEvent
+)

@@ -46,8 +46,10 @@ class PolicyMachine:
             self._machine.add_transition(f"admit:{level}", NEW, level)
             self._machine.add_transition(f"readmit:{level}", self.terminal, level)
         for dest, sources in policy.allowed_moves.items():
-            self._machine.add_transition(f"move:{dest}", sorted(sources), dest)
-        self._machine.add_transition("discharge", self.level_states, self.terminal)
+            sources_: list[Any] = sorted(sources)
+            self._machine.add_transition(f"move:{dest}", sources_, dest)
+        levels: list[Any] = list(self.level_states)
+        self._machine.add_transition("discharge", levels, self.terminal)
 
     def may(self, state: str, trigger: str) -> bool:
         probe = _Probe(state)
@@ -69,7 +71,7 @@ class PolicyMachine:
         rows: list[tuple[str, str, str]] = []
         for trigger, event in self._machine.events.items():
             for source, transitions in event.transitions.items():
-                rows.extend((trigger, source, t.dest) for t in transitions)
+                rows.extend((trigger, source, str(t.dest)) for t in transitions)
         return rows
 
 

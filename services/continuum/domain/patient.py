@@ -14,32 +14,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 from uuid import UUID, uuid4
 
-from pydantic import BaseModel
-
-from continuum.domain import commands as c
-from continuum.domain.errors import (
-    Duplicate,
-    HoursOutsideBand,
-    InvalidClinicalTime,
-    InvalidInput,
-    InvalidStateForCommand,
-    ReassessmentMissing,
-    ReassessmentStale,
-    TransitionNotAllowed,
-    UnknownEvent,
-    UnknownPatient,
-    VarianceReasonRequired,
-)
-from continuum.domain.machine import NEW, PolicyMachine, machine_for
-from continuum.domain.policy import Policy, PolicyRegistry
 from continuum_events import (
     STATE_CHANGING_EVENTS,
     AgeGroup,
     Assessment,
     AttendanceRecorded,
     AttendanceRecordedData,
-    DischargeReason,
     Direction,
+    DischargeReason,
     Disposition,
     EventEnvelope,
     EventVoided,
@@ -58,6 +40,24 @@ from continuum_events import (
     ReassessmentRecorded,
     ReassessmentRecordedData,
 )
+from pydantic import BaseModel
+
+from continuum.domain import commands as c
+from continuum.domain.errors import (
+    Duplicate,
+    HoursOutsideBand,
+    InvalidClinicalTime,
+    InvalidInput,
+    InvalidStateForCommand,
+    ReassessmentMissing,
+    ReassessmentStale,
+    TransitionNotAllowed,
+    UnknownEvent,
+    UnknownPatient,
+    VarianceReasonRequired,
+)
+from continuum.domain.machine import NEW, PolicyMachine, machine_for
+from continuum.domain.policy import Policy, PolicyRegistry
 
 #: Clinical times may run this far ahead of the service clock (device clocks drift).
 CLOCK_SKEW = dt.timedelta(minutes=5)
@@ -130,7 +130,8 @@ class PatientState:
     def latest_assessment(self) -> AssessmentRecord | None:
         if not self.assessments:
             return None
-        return max(self.assessments.values(), key=lambda a: (a.occurred_at, str(a.event_id)))
+        # Ties on occurred_at go to the one recorded last (dict order is stream order).
+        return max(reversed(self.assessments.values()), key=lambda a: a.occurred_at)
 
     def snapshot(self) -> Snapshot:
         return Snapshot(
@@ -211,9 +212,12 @@ class PatientState:
             self.site, self.program = before.site, before.program
             self.episode = before.episode
             self.placed_at = before.placed_at
-            self.assessments = {
-                k: v for k, v in before.assessments.items() if k not in self.voided
-            }
+            if change.event_type in ("PatientAdmitted", "PatientReadmitted"):
+                # the episode is gone: back to the previous episode's assessments
+                self.assessments = {
+                    k: v for k, v in before.assessments.items() if k not in self.voided
+                }
+            # otherwise the episode stands, and so do reassessments recorded after the change
 
     def _set_state(
         self, state: str, policy: PolicyRef | None, policies: PolicyRegistry | None
@@ -236,7 +240,7 @@ def _machine_or_none(
         return None
     try:
         return machine_for(policies.get(policy.id, policy.version))
-    except Exception:  # noqa: BLE001 - an unknown policy on replay is not an error
+    except Exception:
         return None
 
 
@@ -476,9 +480,7 @@ def decide_readmit(
             state=state.state,
         )
     machine = machine_for(policy)
-    when = _clinical_time(
-        cmd.occurred_at, now, not_before=state.placed_at, what="the discharge"
-    )
+    when = _clinical_time(cmd.occurred_at, now, not_before=state.placed_at, what="the discharge")
     age_group = cmd.age_group or state.episode.age_group
     assessment = _assessment(policy, cmd.assessment, "assessment")
     placement = _placement_for_entry(

@@ -14,10 +14,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
+from continuum_events import AgeGroup, PolicyRef
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from continuum.domain.errors import PolicyInvalid, RatingOutOfRange, UnknownLevel, UnknownPolicy
-from continuum_events import AgeGroup, PolicyRef
 
 
 class _Doc(BaseModel):
@@ -246,7 +246,9 @@ class PolicyRegistry:
         ]
         for directory in extra_dirs:
             for path in sorted(Path(directory).glob("*.toml")):
-                policies.append(load_policy_text(path.read_text(encoding="utf-8"), source=str(path)))
+                policies.append(
+                    load_policy_text(path.read_text(encoding="utf-8"), source=str(path))
+                )
         return cls(policies, default_id)
 
     @property

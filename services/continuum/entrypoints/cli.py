@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
+from continuum_events import Actor
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
@@ -29,7 +30,6 @@ from continuum.bootstrap import App, bootstrap
 from continuum.domain import commands as c
 from continuum.domain import errors as e
 from continuum.settings import Settings
-from continuum_events import Actor
 
 app = typer.Typer(
     name="continuum",
@@ -115,7 +115,7 @@ def _app() -> Iterator[App]:
 def _context(application: App, actor: str | None, idempotency_key: str | None) -> CommandContext:
     settings = application.settings
     return CommandContext(
-        actor=Actor(id=actor or settings.actor_id, role=settings.actor_role),  # type: ignore[arg-type]
+        actor=Actor.model_validate({"id": actor or settings.actor_id, "role": settings.actor_role}),
         idempotency_key=idempotency_key,
     )
 
@@ -147,7 +147,9 @@ def parse_scores(values: list[str]) -> dict[str, float]:
     return scores
 
 
-def _report(result: AppendResult, fmt: OutputFormat, summary: Callable[[AppendResult], str]) -> None:
+def _report(
+    result: AppendResult, fmt: OutputFormat, summary: Callable[[AppendResult], str]
+) -> None:
     if fmt is OutputFormat.JSON:
         out.print_json(
             json.dumps(
@@ -367,8 +369,7 @@ def reassess(
         actor,
         idempotency_key,
         fmt,
-        lambda r: f"reassessed {r.stream_id}: indicated level "
-        f"{getattr(r.events[0].data, 'assessment').indicated_level}",  # noqa: B009
+        lambda r: f"reassessed {r.stream_id}: indicated level {_indicated_of(r)}",
     )
 
 
@@ -423,7 +424,9 @@ def transition(
 def attend(
     patient: Patient,
     hours: Annotated[float, typer.Option(help="Hours attended.")],
-    date: Annotated[str | None, typer.Option(help="Service date YYYY-MM-DD (default today).")] = None,
+    date: Annotated[
+        str | None, typer.Option(help="Service date YYYY-MM-DD (default today).")
+    ] = None,
     occurred_at: OccurredAt = None,
     actor: ActorOpt = None,
     idempotency_key: IdemKey = None,
@@ -563,7 +566,9 @@ def census(fmt: Format = OutputFormat.TEXT) -> None:
 @log_app.command("export")
 def log_export(
     after: Annotated[int, typer.Option(help="Export events after this position.")] = 0,
-    output: Annotated[Path | None, typer.Option(help="Write to this file (default stdout).")] = None,
+    output: Annotated[
+        Path | None, typer.Option(help="Write to this file (default stdout).")
+    ] = None,
 ) -> None:
     """Every event in global order as JSON lines (the auditors' export)."""
     with _app() as application, _errors():
@@ -664,6 +669,11 @@ def simulate(
 def _level_of(result: AppendResult) -> str:
     data: Any = result.events[0].data
     return str(data.placement.level)
+
+
+def _indicated_of(result: AppendResult) -> str:
+    data: Any = result.events[0].data
+    return str(data.assessment.indicated_level)
 
 
 def _episode_of(result: AppendResult) -> str:

@@ -23,12 +23,13 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
+from continuum_events import Actor, ActorRole, DischargeReason, Disposition, VarianceReason
+
 from continuum.application.ports import AppendResult
 from continuum.application.service import CommandContext, PatientService, new_patient_key
 from continuum.domain import commands as c
 from continuum.domain.errors import ContinuumError
 from continuum.domain.policy import Policy
-from continuum_events import Actor, ActorRole, DischargeReason, Disposition, VarianceReason
 
 #: TEDS 2006 discharge mix (completed 47, transferred 13, dropped out 25, terminated 8,
 #: incarcerated 2, other 5; death is counted within "other").
@@ -94,7 +95,7 @@ class SimulationReport:
 
     def summary_lines(self) -> list[str]:
         rate = self.commands / self.seconds if self.seconds else 0.0
-        lines = [
+        return [
             f"simulated {self.patients} patients over {self.days} days (seed {self.seed}): "
             f"{self.commands} commands, {self.events} events in {self.seconds:.1f} s "
             f"({rate:,.0f} commands/s)",
@@ -108,7 +109,6 @@ class SimulationReport:
                 for k, v in self.discharge_mix().items()
             ),
         ]
-        return lines
 
 
 Outcome = AppendResult | ContinuumError
@@ -157,7 +157,9 @@ def _assessment(p: _Patient, ratings: dict[str, str], level: str) -> c.Assessmen
     )
 
 
-def _episode(p: _Patient, start: dt.datetime, end: dt.datetime, readmission: bool) -> Journey:
+def _episode(  # noqa: PLR0915 - one journey reads best as one story
+    p: _Patient, start: dt.datetime, end: dt.datetime, readmission: bool
+) -> Journey:
     """One episode: admission, weekly reassessments and moves, attendance, discharge."""
     rng, policy = p.rng, p.policy
     outcome = rng.choices(list(DISCHARGE_MIX), weights=list(DISCHARGE_MIX.values()))[0]
@@ -170,18 +172,18 @@ def _episode(p: _Patient, start: dt.datetime, end: dt.datetime, readmission: boo
         indicated = "1" if "1" in policy.admission_levels else policy.admission_levels[0]
         ratings = {str(i): "1" for i in range(1, 7)}
     p.level, p.site = indicated, rng.choice(SITES)
-    entry = dict(
-        occurred_at=now,
-        level=indicated,
-        site=p.site,
-        age_group=p.age_group,
-        assessment=_assessment(p, ratings, indicated),
-    )
+    entry: dict[str, Any] = {
+        "occurred_at": now,
+        "level": indicated,
+        "site": p.site,
+        "age_group": p.age_group,
+        "assessment": _assessment(p, ratings, indicated),
+    }
     if readmission:
-        result = yield (now, c.Readmit(patient_key=p.key, **entry), _ctx(p))  # type: ignore[arg-type]
+        result = yield (now, c.Readmit(patient_key=p.key, **entry), _ctx(p))
         p.report.readmissions += 1
     else:
-        result = yield (now, c.Admit(patient_key=p.key, **entry), _ctx(p))  # type: ignore[arg-type]
+        result = yield (now, c.Admit(patient_key=p.key, **entry), _ctx(p))
     if isinstance(result, ContinuumError):
         return
     last_step = now
@@ -197,9 +199,10 @@ def _episode(p: _Patient, start: dt.datetime, end: dt.datetime, readmission: boo
             p.risk[0] = min(4.4, p.risk[0] + rng.uniform(1.5, 3.0))
             p.risk[4] = min(4.4, p.risk[4] + rng.uniform(1.0, 2.5))
             p.report.moves["relapse"] += 1
-        if policy.level(p.level).setting == "ambulatory" and not policy.level(
-            p.level
-        ).withdrawal_management:
+        if (
+            policy.level(p.level).setting == "ambulatory"
+            and not policy.level(p.level).withdrawal_management
+        ):
             for offset in (1, 3):
                 day = now - dt.timedelta(days=offset)
                 if day > last_step:
@@ -220,8 +223,9 @@ def _episode(p: _Patient, start: dt.datetime, end: dt.datetime, readmission: boo
         if indicated != p.level and rng.random() < 0.1:
             lower = _one_step_lower(policy, indicated, p.level)
             if lower is not None:
-                target, variance = lower, rng.choice(
-                    [VarianceReason.NO_SLOT, VarianceReason.PATIENT_PREFERENCE]
+                target, variance = (
+                    lower,
+                    rng.choice([VarianceReason.NO_SLOT, VarianceReason.PATIENT_PREFERENCE]),
                 )
         skip_reassessment = indicated != p.level and rng.random() < 0.08
         if not skip_reassessment:
@@ -318,8 +322,7 @@ def _one_step_lower(policy: Policy, level: str, current: str) -> str | None:
         if lv.rank < rank
         and not lv.withdrawal_management
         and lv.code in _allowed_from(policy, current)
-        and lv.code != current
-        and lv.code != "aftercare"
+        and lv.code not in (current, "aftercare")
     ]
     return max(candidates, key=lambda lv: lv.rank).code if candidates else None
 

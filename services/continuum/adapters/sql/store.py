@@ -33,6 +33,7 @@ import datetime as dt
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from continuum_events import PatientEvent, parse_event
 from sqlalchemy import Connection, Engine, Row, delete, func, insert, select, text
 from sqlalchemy.exc import IntegrityError
 
@@ -41,7 +42,6 @@ from continuum.adapters.sql.database import BEGIN_MODE, is_sqlite
 from continuum.application.ports import AppendResult, EventStore
 from continuum.domain.commands import Identity
 from continuum.domain.errors import ConcurrencyConflict, Duplicate
-from continuum_events import PatientEvent, parse_event
 
 _EVENT_COLUMNS = (
     t.events.c.row_id,
@@ -337,10 +337,12 @@ def _to_row(event: PatientEvent) -> dict[str, Any]:
     }
 
 
-def _from_row(row: Row[Any]) -> PatientEvent:
+def _from_row(row: Row[Any] | Any) -> PatientEvent:
     m = row._mapping
     policy = (
-        {"id": m["policy_id"], "version": m["policy_version"]} if m["policy_id"] is not None else None
+        {"id": m["policy_id"], "version": m["policy_version"]}
+        if m["policy_id"] is not None
+        else None
     )
     return parse_event(
         {

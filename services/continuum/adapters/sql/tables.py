@@ -1,10 +1,10 @@
 """The event store's tables (SQLAlchemy Core). Alembic migrations create them.
 
-    events           one row per event, insert-only (triggers refuse UPDATE and DELETE)
-    event_pending    committed events not yet given a global position (a work queue)
-    event_log        position -> event: the dense global order, insert-only
-    idempotency_keys first result of a command retried with the same key
-    patient_identities  name, date of birth, MRN by patient key: never in an event
+events           one row per event, insert-only (triggers refuse UPDATE and DELETE)
+event_pending    committed events not yet given a global position (a work queue)
+event_log        position -> event: the dense global order, insert-only
+idempotency_keys first result of a command retried with the same key
+patient_identities  name, date of birth, MRN by patient key: never in an event
 """
 
 from __future__ import annotations
