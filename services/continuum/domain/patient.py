@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any
 from uuid import UUID, uuid4
 
 from continuum_events import (
@@ -434,7 +433,7 @@ def _placement_for_entry(
 def decide_admit(
     state: PatientState, cmd: c.Admit, policy: Policy, now: dt.datetime
 ) -> list[Decision]:
-    if state.exists:
+    if state.exists and state.state != NEW:  # NEW again once the admission was voided
         raise InvalidStateForCommand(
             f"patient {state.stream_id} already exists (state {state.state}); "
             "use readmit for a new episode",
@@ -750,6 +749,3 @@ def new_state_after(state: PatientState, events: Iterable[PatientEvent]) -> Pati
         copy.apply(event)
     return copy
 
-
-def describe(value: Any) -> str:  # pragma: no cover - debugging aid
-    return repr(value)

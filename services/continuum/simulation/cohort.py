@@ -1,9 +1,12 @@
 """A synthetic cohort, driven through the same command path as every other caller.
 
-No real data: patient keys come from the seeded generator, identities are absent, and every
-value is a code. Each patient's journey is a generator of (clinical time, command) steps that
-sees the outcome of its previous step, so a refused command (a transition attempted on a stale
-reassessment, say) is followed by the fix a case manager would make. Journeys are merged by
+No real data: patient keys are random, identities are absent, and every value is a code. The
+seed fixes the journeys (levels, moves, outcomes), not the keys, so running the simulation again
+on the same database adds a second cohort instead of colliding with the first.
+
+Each patient's journey is a generator of (clinical time, command) steps that sees the outcome of
+its previous step, so a refused command (a transition attempted on a stale reassessment, say)
+is followed by the fix a case manager would make. Journeys are merged by
 clinical time, so the global log reads like a real day-by-day record.
 
 Latent risk per ASAM dimension drifts down as treatment works, with relapses that push it up;
@@ -240,6 +243,22 @@ def _episode(  # noqa: PLR0915 - one journey reads best as one story
             )
             last_step = now
         if target == p.level:
+            if indicated == p.level and rng.random() < 0.04:  # a bed at another site
+                move_at = now + dt.timedelta(hours=rng.uniform(2, 20))
+                if move_at >= min(exit_at, end):
+                    break
+                site = rng.choice([s for s in SITES if s != p.site])
+                result = yield (
+                    move_at,
+                    c.Transition(
+                        patient_key=p.key, occurred_at=move_at, to_level=p.level, site=site
+                    ),
+                    _ctx(p),
+                )
+                if isinstance(result, AppendResult):
+                    p.report.moves["lateral"] += 1
+                    p.site = site
+                now = last_step = move_at
             continue
         move_at = now + dt.timedelta(hours=rng.uniform(2, 20))
         if move_at >= min(exit_at, end):
@@ -354,7 +373,7 @@ def simulate_cohort(
         patient = _Patient(
             rng=random.Random(rng.getrandbits(64)),
             policy=policy,
-            key=new_patient_key(rng.randbytes(15)),
+            key=new_patient_key(),  # random: re-running never collides with a cohort
             risk=[max(0.0, r + rng.gauss(0, 0.25)) for r in profile],
             age_group="adolescent" if rng.random() < 0.08 else "adult",
             actor=Actor(id=rng.choice(CASE_MANAGERS), role=ActorRole.CASE_MANAGER),
