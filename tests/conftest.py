@@ -13,13 +13,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import Engine, text
+
 from continuum.adapters.memory import InMemoryEventStore
 from continuum.adapters.sql.database import create_database_engine
 from continuum.adapters.sql.migrate import upgrade
 from continuum.adapters.sql.store import SqlEventStore
 from continuum.application.ports import EventStore
 from continuum.domain.policy import PolicyRegistry
-from sqlalchemy import Engine, text
 
 DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/continuum_test"
 

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from continuum.adapters.sql.database import create_database_engine
-from continuum.entrypoints.cli import app
 from sqlalchemy import text
 from typer.testing import CliRunner
+
+from continuum.adapters.sql.database import create_database_engine
+from continuum.entrypoints.cli import app
 
 runner = CliRunner()
 

@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
+
 from continuum_events import EVENT_TYPES, parse_event, upcasting
 from continuum_events.schema import render, schema_documents
-from pydantic import ValidationError
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "docs" / "events" / "schemas"
 ENVELOPE_FIELDS = {

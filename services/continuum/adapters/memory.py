@@ -9,11 +9,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
-from continuum_events import PatientEvent
-
 from continuum.application.ports import AppendResult, EventStore
 from continuum.domain.commands import Identity
 from continuum.domain.errors import ConcurrencyConflict, Duplicate
+from continuum_events import PatientEvent
 
 
 class InMemoryEventStore(EventStore):

@@ -6,9 +6,8 @@ import abc
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from continuum_events import PatientEvent
-
 from continuum.domain.commands import Identity
+from continuum_events import PatientEvent
 
 
 @dataclass(frozen=True)

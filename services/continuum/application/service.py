@@ -14,13 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID, uuid4
 
-from continuum_events import Actor, ActorRole, PatientEvent, parse_event
-
 from continuum.application.ports import AppendResult, EventStore
 from continuum.domain import commands as c
 from continuum.domain import patient as p
 from continuum.domain.errors import ConcurrencyConflict, UnknownPatient
 from continuum.domain.policy import Policy, PolicyRegistry
+from continuum_events import Actor, ActorRole, PatientEvent, parse_event
 
 Clock = Callable[[], dt.datetime]
 

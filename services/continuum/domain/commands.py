@@ -9,6 +9,8 @@ import datetime as dt
 from typing import Annotated
 from uuid import UUID
 
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+
 from continuum_events.codes import (
     AgeGroup,
     Code,
@@ -19,7 +21,6 @@ from continuum_events.codes import (
     VarianceReason,
     VoidReason,
 )
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
 PersonName = Annotated[
     str, StringConstraints(pattern=r"^[^\x00-\x1f<>{}]{1,100}$", strip_whitespace=True)

@@ -13,6 +13,24 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from uuid import UUID, uuid4
 
+from pydantic import BaseModel
+
+from continuum.domain import commands as c
+from continuum.domain.errors import (
+    Duplicate,
+    HoursOutsideBand,
+    InvalidClinicalTime,
+    InvalidInput,
+    InvalidStateForCommand,
+    ReassessmentMissing,
+    ReassessmentStale,
+    TransitionNotAllowed,
+    UnknownEvent,
+    UnknownPatient,
+    VarianceReasonRequired,
+)
+from continuum.domain.machine import NEW, PolicyMachine, machine_for
+from continuum.domain.policy import Policy, PolicyRegistry
 from continuum_events import (
     STATE_CHANGING_EVENTS,
     AgeGroup,
@@ -39,24 +57,6 @@ from continuum_events import (
     ReassessmentRecorded,
     ReassessmentRecordedData,
 )
-from pydantic import BaseModel
-
-from continuum.domain import commands as c
-from continuum.domain.errors import (
-    Duplicate,
-    HoursOutsideBand,
-    InvalidClinicalTime,
-    InvalidInput,
-    InvalidStateForCommand,
-    ReassessmentMissing,
-    ReassessmentStale,
-    TransitionNotAllowed,
-    UnknownEvent,
-    UnknownPatient,
-    VarianceReasonRequired,
-)
-from continuum.domain.machine import NEW, PolicyMachine, machine_for
-from continuum.domain.policy import Policy, PolicyRegistry
 
 #: Clinical times may run this far ahead of the service clock (device clocks drift).
 CLOCK_SKEW = dt.timedelta(minutes=5)
@@ -748,4 +748,3 @@ def new_state_after(state: PatientState, events: Iterable[PatientEvent]) -> Pati
     for event in events:
         copy.apply(event)
     return copy
-

@@ -14,10 +14,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from continuum_events import AgeGroup, PolicyRef
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from continuum.domain.errors import PolicyInvalid, RatingOutOfRange, UnknownLevel, UnknownPolicy
+from continuum_events import AgeGroup, PolicyRef
 
 
 class _Doc(BaseModel):

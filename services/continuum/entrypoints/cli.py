@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
-from continuum_events import Actor
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
@@ -30,6 +29,7 @@ from continuum.bootstrap import App, bootstrap
 from continuum.domain import commands as c
 from continuum.domain import errors as e
 from continuum.settings import Settings
+from continuum_events import Actor
 
 app = typer.Typer(
     name="continuum",

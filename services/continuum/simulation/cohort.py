@@ -26,13 +26,12 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
-from continuum_events import Actor, ActorRole, DischargeReason, Disposition, VarianceReason
-
 from continuum.application.ports import AppendResult
 from continuum.application.service import CommandContext, PatientService, new_patient_key
 from continuum.domain import commands as c
 from continuum.domain.errors import ContinuumError
 from continuum.domain.policy import Policy
+from continuum_events import Actor, ActorRole, DischargeReason, Disposition, VarianceReason
 
 #: TEDS 2006 discharge mix (completed 47, transferred 13, dropped out 25, terminated 8,
 #: incarcerated 2, other 5; death is counted within "other").

@@ -33,7 +33,6 @@ import datetime as dt
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from continuum_events import PatientEvent, parse_event
 from sqlalchemy import Connection, Engine, Row, delete, func, insert, select, text
 from sqlalchemy.exc import IntegrityError
 
@@ -42,6 +41,7 @@ from continuum.adapters.sql.database import BEGIN_MODE, is_sqlite
 from continuum.application.ports import AppendResult, EventStore
 from continuum.domain.commands import Identity
 from continuum.domain.errors import ConcurrencyConflict, Duplicate
+from continuum_events import PatientEvent, parse_event
 
 _EVENT_COLUMNS = (
     t.events.c.row_id,
