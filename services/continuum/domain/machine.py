@@ -75,13 +75,12 @@ class PolicyMachine:
         return rows
 
 
-_MACHINES: dict[tuple[str, str, int], PolicyMachine] = {}
+_MACHINES: dict[str, PolicyMachine] = {}
 
 
 def machine_for(policy: Policy) -> PolicyMachine:
-    """The shared machine of one policy version (built once, then reused)."""
-    key = (policy.id, policy.version, id(policy))
-    machine = _MACHINES.get(key)
+    """The shared machine of one policy document (built once per distinct content)."""
+    machine = _MACHINES.get(policy.fingerprint)
     if machine is None:
-        machine = _MACHINES[key] = PolicyMachine(policy)
+        machine = _MACHINES[policy.fingerprint] = PolicyMachine(policy)
     return machine

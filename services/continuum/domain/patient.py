@@ -589,7 +589,8 @@ def decide_transition(
     if age > dt.timedelta(days=window):
         raise ReassessmentStale(
             f"{move} to {cmd.to_level} needs a reassessment within {window} days; "
-            f"latest is {int(age_days)} days old (reassessment {chosen.event_id} on "
+            f"{'the one named' if cmd.reassessment_event_id else 'latest'} is "
+            f"{int(age_days)} days old (reassessment {chosen.event_id} on "
             f"{chosen.occurred_at.date()})",
             field="reassessment_event_id",
             policy=policy.label,

@@ -7,6 +7,7 @@ event records the id and version of the document that judged it.
 
 from __future__ import annotations
 
+import hashlib
 import tomllib
 from collections.abc import Iterable, Mapping
 from functools import cached_property
@@ -29,6 +30,20 @@ class Band(_Doc):
 
     min_hours: float | None = Field(default=None, ge=0)
     below_hours: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Band:
+        if self.min_hours is None and self.below_hours is None:
+            raise ValueError("a band needs min_hours, below_hours or both")
+        if (
+            self.min_hours is not None
+            and self.below_hours is not None
+            and self.min_hours >= self.below_hours
+        ):
+            raise ValueError(
+                f"min_hours {self.min_hours:g} must be below below_hours {self.below_hours:g}"
+            )
+        return self
 
     def contains(self, hours: float) -> bool:
         if self.min_hours is not None and hours < self.min_hours:
@@ -140,6 +155,12 @@ class Policy(_Doc):
     @property
     def label(self) -> str:
         return f"{self.id}@{self.version}"
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Identifies the document's content (two loads of one file share a machine)."""
+        digest = hashlib.sha256(self.model_dump_json().encode("utf-8")).hexdigest()[:16]
+        return f"{self.id}@{self.version}#{digest}"
 
     @cached_property
     def levels_by_code(self) -> dict[str, Level]:
