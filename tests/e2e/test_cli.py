@@ -21,6 +21,7 @@ from sqlalchemy import text
 from typer.testing import CliRunner
 
 from continuum.adapters.sql.database import create_database_engine
+from continuum.adapters.sql.migrate import head_revision
 from continuum.entrypoints.cli import app
 
 runner = CliRunner()
@@ -276,7 +277,7 @@ def test_postgres_needs_an_explicit_migration(postgres_cli: Cli) -> None:
     result = postgres_cli("census", code=8)
     assert "run `continuum db upgrade`" in result.stderr
     assert "continuum db upgrade" in postgres_cli("db", "status").stdout
-    assert "-> 0001" in postgres_cli("db", "upgrade").stdout
+    assert f"-> {head_revision()}" in postgres_cli("db", "upgrade").stdout
     assert postgres_cli.json("census")["total"] == 0
 
 

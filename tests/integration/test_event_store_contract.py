@@ -433,3 +433,36 @@ def test_append_of_an_event_for_another_stream_is_a_value_error(
     with pytest.raises(ValueError, match=pk):
         store.append(pk, 0, events)
     assert state_of(store) == (0, [], [])
+
+
+# -- identity look-ups and updates (inbound hospital feeds) ----------------------------------
+
+
+def test_patient_key_is_found_by_mrn_and_identity_can_be_updated(
+    store: EventStore, make_stream: MakeStream
+) -> None:
+    events = make_stream(0)
+    pk = events[0].stream_id
+    store.append(pk, 0, events, identity=IDENTITY)
+    assert IDENTITY.mrn is not None
+    assert store.patient_key_for_mrn(IDENTITY.mrn) == pk
+    assert store.patient_key_for_mrn("NO-SUCH-MRN") is None
+
+    renamed = IDENTITY.model_copy(update={"family_name": "Renamed"})
+    store.update_identity(pk, renamed)
+    assert store.identity(pk) == renamed
+    assert store.read_stream(pk) == [
+        e.model_copy(update={"position": p}) for p, e in enumerate(events, start=1)
+    ]
+
+
+def test_identity_update_cannot_take_another_patients_mrn(
+    store: EventStore, make_stream: MakeStream
+) -> None:
+    first, second = make_stream(0), make_stream(0)
+    store.append(first[0].stream_id, 0, first, identity=IDENTITY)
+    store.append(second[0].stream_id, 0, second)
+    with pytest.raises(Duplicate) as caught:
+        store.update_identity(second[0].stream_id, IDENTITY)
+    assert caught.value.rule == "identity.duplicate_mrn"
+    assert store.identity(second[0].stream_id) is None

@@ -289,3 +289,22 @@ def test_concurrent_sqlite_writers_all_succeed_with_dense_positions(
         assert [str(e.event_id) for e in log if e.stream_id == pk] == ids
     with sqlite_engine.connect() as conn:
         assert conn.scalar(text("SELECT count(*) FROM event_pending")) == 0
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_checkpoints_start_at_zero_and_keep_the_last_put(
+    request: pytest.FixtureRequest, backend: str
+) -> None:
+    from continuum.adapters.sql.store import SqlCheckpoints
+
+    engine = request.getfixturevalue("sqlite_engine" if backend == "sqlite" else "pg_engine")
+    checkpoints = SqlCheckpoints(engine)
+    assert checkpoints.get("relay") == 0
+    checkpoints.put("relay", 41)
+    checkpoints.put("relay", 42)
+    checkpoints.put("other", 7)
+    assert (checkpoints.get("relay"), checkpoints.get("other")) == (42, 7)
+    assert SqlCheckpoints(engine).get("relay") == 42

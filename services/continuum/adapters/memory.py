@@ -105,6 +105,19 @@ class InMemoryEventStore(EventStore):
     def identity(self, stream_id: str) -> Identity | None:
         return self._identities.get(stream_id)
 
+    def patient_key_for_mrn(self, mrn: str) -> str | None:
+        return next((k for k, v in self._identities.items() if v.mrn == mrn), None)
+
+    def update_identity(self, stream_id: str, identity: Identity) -> None:
+        owner = self.patient_key_for_mrn(identity.mrn) if identity.mrn else None
+        if owner not in (None, stream_id):
+            raise Duplicate(
+                f"MRN is already registered to patient {owner}",
+                rule="identity.duplicate_mrn",
+                field="identity.mrn",
+            )
+        self._identities[stream_id] = identity
+
     def head_position(self) -> int:
         return len(self._log)
 

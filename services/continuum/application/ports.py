@@ -71,9 +71,33 @@ class EventStore(abc.ABC):
         """Identifying data for a patient key (kept apart from events)."""
 
     @abc.abstractmethod
+    def patient_key_for_mrn(self, mrn: str) -> str | None:
+        """The patient key registered with this MRN, if any (for inbound hospital feeds)."""
+
+    @abc.abstractmethod
+    def update_identity(self, stream_id: str, identity: Identity) -> None:
+        """Replace a patient's identifying data (demographics updates; never an event)."""
+
+    @abc.abstractmethod
     def head_position(self) -> int:
         """The highest position assigned so far (0 for an empty log)."""
 
     @abc.abstractmethod
     def stream_ids(self) -> list[str]:
         """Every patient key that has events."""
+
+    def sequence(self) -> int:
+        """Give positions to committed events that have none yet (no-op where immediate)."""
+        return 0
+
+
+class Checkpoints(abc.ABC):
+    """Durable positions of relays and consumers, by name."""
+
+    @abc.abstractmethod
+    def get(self, name: str) -> int:
+        """The last position processed by `name` (0 if none)."""
+
+    @abc.abstractmethod
+    def put(self, name: str, position: int) -> None:
+        """Record that `name` has processed everything up to `position`."""

@@ -33,12 +33,12 @@ import datetime as dt
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Row, delete, func, insert, select, text
+from sqlalchemy import Connection, Engine, Row, delete, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from continuum.adapters.sql import tables as t
 from continuum.adapters.sql.database import BEGIN_MODE, is_sqlite
-from continuum.application.ports import AppendResult, EventStore
+from continuum.application.ports import AppendResult, Checkpoints, EventStore
 from continuum.domain.commands import Identity
 from continuum.domain.errors import ConcurrencyConflict, Duplicate
 from continuum_events import PatientEvent, parse_event
@@ -280,6 +280,33 @@ class SqlEventStore(EventStore):
             ).first()
         return None if row is None else Identity.model_validate(row._asdict())
 
+    def patient_key_for_mrn(self, mrn: str) -> str | None:
+        with self._reader() as conn:
+            return conn.scalar(
+                select(t.patient_identities.c.patient_key).where(t.patient_identities.c.mrn == mrn)
+            )
+
+    def update_identity(self, stream_id: str, identity: Identity) -> None:
+        values = identity.model_dump()
+        try:
+            with self.engine.begin() as conn:
+                updated = conn.execute(
+                    update(t.patient_identities)
+                    .where(t.patient_identities.c.patient_key == stream_id)
+                    .values(**values)
+                ).rowcount
+                if not updated:
+                    conn.execute(
+                        insert(t.patient_identities).values(patient_key=stream_id, **values)
+                    )
+        except IntegrityError as exc:
+            owner = self.patient_key_for_mrn(identity.mrn or "")
+            raise Duplicate(
+                f"MRN is already registered to patient {owner}",
+                rule="identity.duplicate_mrn",
+                field="identity.mrn",
+            ) from exc
+
     def head_position(self) -> int:
         self.sequence()
         with self._reader() as conn:
@@ -366,3 +393,30 @@ def _from_row(row: Row[Any] | Any) -> PatientEvent:
 def _chunks(items: Sequence[int], size: int) -> Iterable[Sequence[int]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+class SqlCheckpoints(Checkpoints):
+    """Checkpoints in the event store's own database."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def get(self, name: str) -> int:
+        query = select(t.checkpoints.c.position).where(t.checkpoints.c.name == name)
+        options = {BEGIN_MODE: "DEFERRED"} if is_sqlite(self.engine) else {}
+        with self.engine.connect().execution_options(**options) as conn:
+            value = conn.scalar(query)
+        return int(value or 0)
+
+    def put(self, name: str, position: int) -> None:
+        now = dt.datetime.now(dt.UTC)
+        with self.engine.begin() as conn:
+            updated = conn.execute(
+                update(t.checkpoints)
+                .where(t.checkpoints.c.name == name)
+                .values(position=position, updated_at=now)
+            ).rowcount
+            if not updated:
+                conn.execute(
+                    insert(t.checkpoints).values(name=name, position=position, updated_at=now)
+                )

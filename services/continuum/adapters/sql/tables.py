@@ -82,3 +82,11 @@ patient_identities = Table(
     Column("birth_date", Date, nullable=False),
     Column("mrn", String(32), unique=True),
 )
+
+checkpoints = Table(
+    "checkpoints",
+    metadata,
+    Column("name", String(128), primary_key=True),
+    Column("position", BigInteger, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
