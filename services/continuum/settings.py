@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     kafka_session_timeout_ms: int = Field(default=10_000, ge=1_000)
     kafka_heartbeat_interval_ms: int = Field(default=3_000, ge=100)
     kafka_request_timeout_ms: int = Field(default=30_000, ge=1_000)
+    kafka_connect_timeout_ms: int = Field(
+        default=30_000, ge=500, description="How long to try reaching the broker at start-up."
+    )
     relay_batch_size: int = Field(default=2_000, ge=1, le=100_000)
     relay_poll_interval_ms: int = Field(
         default=200, ge=10, description="Polling interval where LISTEN/NOTIFY is unavailable."

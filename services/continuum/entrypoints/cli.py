@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy.exc import OperationalError
 
+from continuum.adapters.kafka.clients import BrokerUnavailable, TopicProblem
 from continuum.application.ports import AppendResult
 from continuum.application.service import CommandContext
 from continuum.bootstrap import App, bootstrap
@@ -49,6 +50,8 @@ out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 EXIT_CODES: list[tuple[type[Exception], int]] = [
+    (BrokerUnavailable, 9),
+    (TopicProblem, 8),
     (e.ConcurrencyConflict, 6),
     (e.Duplicate, 7),
     (e.NotFound, 4),
@@ -664,6 +667,95 @@ def simulate(
         for line in report.summary_lines():
             out.print(line, markup=False)
     census(OutputFormat.TEXT)
+
+
+@app.command()
+def relay(
+    once: Annotated[
+        bool, typer.Option("--once", help="Publish what is committed now, then exit.")
+    ] = False,
+    topic: Annotated[
+        str | None, typer.Option(help="Topic (default CONTINUUM_EVENTS_TOPIC).")
+    ] = None,
+    create_topic: Annotated[
+        bool, typer.Option("--create-topic", help="Create the topic if it is missing.")
+    ] = False,
+    partitions: Annotated[int, typer.Option(min=1, help="Partitions for --create-topic.")] = 6,
+    replication_factor: Annotated[int, typer.Option(min=1, help="For --create-topic.")] = 1,
+) -> None:
+    """Publish every committed event, in global order, to Kafka (the outbox relay).
+
+    Resumes from its durable checkpoint; waits out broker outages; stops cleanly on SIGTERM or
+    Ctrl-C after the batch in flight is acknowledged."""
+    import logging
+    import signal
+    import threading
+
+    from continuum.adapters.kafka.clients import ensure_topic
+    from continuum.adapters.kafka.publisher import KafkaPublisher
+    from continuum.adapters.sql.database import is_sqlite
+    from continuum.adapters.sql.notify import PgNotifyWaiter
+    from continuum.adapters.sql.store import SqlCheckpoints
+    from continuum.application.relay import PollingWaiter, Relay, RelayStats, Waiter
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for noisy in ("kafka", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    with _app() as application, _errors():
+        settings = application.settings
+        target = topic or settings.events_topic
+        count = ensure_topic(
+            settings,
+            target,
+            create=create_topic,
+            partitions=partitions,
+            replication=replication_factor,
+        )
+        err.print(
+            f"relaying to {target} ({count} partitions) at {settings.kafka_bootstrap_servers}"
+        )
+        publisher = KafkaPublisher(settings, target)
+        waiter: Waiter = (
+            PollingWaiter(settings.relay_poll_interval_ms / 1000)
+            if is_sqlite(application.engine)
+            else PgNotifyWaiter(application.engine)
+        )
+        runner = Relay(
+            application.store,
+            SqlCheckpoints(application.engine),
+            publisher,
+            name=f"relay:{target}",
+            batch_size=settings.relay_batch_size,
+            waiter=waiter,
+        )
+        stop = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
+        began, start_count = [dt.datetime.now(dt.UTC)], [0]
+
+        def report(stats: RelayStats) -> None:
+            now = dt.datetime.now(dt.UTC)
+            rate = (stats.published - start_count[0]) / max((now - began[0]).total_seconds(), 1e-9)
+            began[0], start_count[0] = now, stats.published
+            err.print(
+                f"published {stats.published} events; checkpoint {stats.checkpoint}; "
+                f"lag {stats.lag}; {rate:,.0f} events/s"
+            )
+
+        try:
+            if once:
+                published = runner.drain(stop)
+                stats = runner.stats
+                stats.head = application.store.head_position()
+                out.print(
+                    f"published {published} events to {target}; checkpoint {stats.checkpoint}"
+                )
+            else:
+                stats = runner.run(stop, on_progress=report)
+                out.print(f"stopped: published {stats.published} events; lag {stats.lag}")
+        finally:
+            publisher.close()
+            waiter.close()
 
 
 def _level_of(result: AppendResult) -> str:

@@ -1,0 +1,1 @@
+"""Kafka adapters (kafka-python): client construction, the event publisher, the ADT consumer."""

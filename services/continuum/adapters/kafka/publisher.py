@@ -1,0 +1,113 @@
+"""Publishes events to a Kafka topic: keyed by patient, JSON envelope, security labels."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from kafka import KafkaProducer
+from kafka.errors import KafkaError, KafkaTimeoutError
+
+from continuum.adapters.kafka import clients
+from continuum.application.relay import Publisher, PublishInterrupted
+from continuum.settings import Settings
+from continuum_events import PatientEvent
+
+log = logging.getLogger("continuum.relay")
+
+CONTENT_TYPE = b"application/json"
+#: 42 CFR Part 2 and the confidentiality code travel with every message (DOMAIN.md section 5).
+SECURITY_HEADERS: list[tuple[str, bytes]] = [
+    ("security-label", b"42CFRPart2"),
+    ("confidentiality", b"R"),
+]
+
+
+def headers_for(event: PatientEvent) -> list[tuple[str, bytes]]:
+    return [
+        ("event_id", str(event.event_id).encode()),
+        ("event_type", event.event_type.encode()),
+        ("schema_version", str(event.schema_version).encode()),
+        ("content-type", CONTENT_TYPE),
+        ("schema", f"{event.event_type}.v{event.schema_version}.schema.json".encode()),
+        *SECURITY_HEADERS,
+    ]
+
+
+def encode(event: PatientEvent) -> bytes:
+    """The wire value: the event contract's JSON envelope, exactly as `log export` writes it."""
+    return event.model_dump_json().encode("utf-8")
+
+
+class KafkaPublisher(Publisher):
+    def __init__(
+        self,
+        settings: Settings,
+        topic: str,
+        *,
+        producer: KafkaProducer | None = None,
+        wait_report: float = 5.0,
+    ) -> None:
+        self.settings = settings
+        self.topic = topic
+        self.producer = producer or clients.producer(settings)
+        self.wait_report = wait_report
+
+    def publish(self, events: Sequence[PatientEvent], stop: threading.Event) -> None:
+        futures: list[Any] = []
+        for event in events:
+            futures.append(self._send(event, stop))
+        self._await_acks(len(events), stop)
+        for future in futures:
+            try:
+                future.get(timeout=0)
+            except KafkaError as exc:
+                raise clients.explain(exc, self.settings, topic=self.topic) from exc
+
+    def _send(self, event: PatientEvent, stop: threading.Event) -> Any:
+        waited_since: float | None = None
+        while True:
+            try:
+                return self.producer.send(
+                    self.topic,
+                    key=event.stream_id.encode(),
+                    value=encode(event),
+                    headers=headers_for(event),
+                )
+            except KafkaTimeoutError:  # no metadata or a full buffer: the broker is away
+                waited_since = self._report_wait(waited_since, "send", stop)
+
+    def _await_acks(self, count: int, stop: threading.Event) -> None:
+        waited_since: float | None = None
+        while True:
+            try:
+                self.producer.flush(timeout=self.wait_report)
+                if waited_since is not None:
+                    log.warning(
+                        "broker back: %d messages acknowledged after %.0f s",
+                        count,
+                        time.monotonic() - waited_since,
+                    )
+                return
+            except KafkaTimeoutError:
+                waited_since = self._report_wait(waited_since, "acknowledgements", stop)
+
+    def _report_wait(self, since: float | None, what: str, stop: threading.Event) -> float:
+        if stop.is_set():
+            raise PublishInterrupted(f"stopped while waiting for {what}")
+        now = time.monotonic()
+        since = since if since is not None else now
+        log.warning(
+            "waiting %.0f s for Kafka %s at %s (broker unreachable?); the producer keeps "
+            "retrying, nothing is lost",
+            now - since,
+            what,
+            self.settings.kafka_bootstrap_servers,
+        )
+        return since
+
+    def close(self) -> None:
+        self.producer.close(timeout=5)

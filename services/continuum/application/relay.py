@@ -1,0 +1,140 @@
+"""The outbox relay: every committed event, in global order, copied to a message bus.
+
+The event log is the outbox. The relay reads it by position after its durable checkpoint,
+publishes a batch, waits until the bus has acknowledged every message of it, and only then
+moves the checkpoint. So nothing is lost: after a crash the relay resumes at the checkpoint and
+republishes what it had sent but not yet checkpointed, with the same event ids (consumers
+de-duplicate on `event_id`). Reading by position never returns an uncommitted event and never
+skips one that commits late (see adapters/sql/store.py).
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from continuum.application.ports import Checkpoints, EventStore
+from continuum_events import PatientEvent
+
+log = logging.getLogger("continuum.relay")
+
+
+class Publisher(abc.ABC):
+    """Publishes events and returns only when the bus has acknowledged all of them."""
+
+    @abc.abstractmethod
+    def publish(self, events: Sequence[PatientEvent], stop: threading.Event) -> None:
+        """Publish in order. Blocks through outages; returns early only if `stop` is set,
+        raising `PublishInterrupted`."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+
+class PublishInterrupted(Exception):
+    """Stop was requested before every message of a batch was acknowledged."""
+
+
+class Waiter(abc.ABC):
+    """Blocks until new events may have been committed, or the timeout passes."""
+
+    @abc.abstractmethod
+    def wait(self, timeout: float) -> bool:
+        """True if woken by a commit notice, False on timeout."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources."""
+
+
+class PollingWaiter(Waiter):
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+
+    def wait(self, timeout: float) -> bool:
+        time.sleep(min(self.interval, timeout))
+        return False
+
+
+@dataclass
+class RelayStats:
+    published: int = 0
+    batches: int = 0
+    checkpoint: int = 0
+    head: int = 0
+
+    @property
+    def lag(self) -> int:
+        return max(0, self.head - self.checkpoint)
+
+
+class Relay:
+    def __init__(
+        self,
+        store: EventStore,
+        checkpoints: Checkpoints,
+        publisher: Publisher,
+        *,
+        name: str,
+        batch_size: int = 2_000,
+        waiter: Waiter | None = None,
+        idle_timeout: float = 5.0,
+    ) -> None:
+        self.store = store
+        self.checkpoints = checkpoints
+        self.publisher = publisher
+        self.name = name
+        self.batch_size = batch_size
+        self.waiter = waiter or PollingWaiter(0.2)
+        self.idle_timeout = idle_timeout
+        self.stats = RelayStats(checkpoint=checkpoints.get(name))
+
+    def run_once(self, stop: threading.Event | None = None) -> int:
+        """Publish one batch after the checkpoint; return how many events it held."""
+        stop = stop or threading.Event()
+        after = self.checkpoints.get(self.name)
+        events = self.store.read_all(after, self.batch_size)
+        if not events:
+            self.stats.checkpoint = after
+            return 0
+        self.publisher.publish(events, stop)
+        last = events[-1].position
+        assert last is not None
+        self.checkpoints.put(self.name, last)
+        self.stats.published += len(events)
+        self.stats.batches += 1
+        self.stats.checkpoint = last
+        return len(events)
+
+    def drain(self, stop: threading.Event | None = None) -> int:
+        """Publish everything committed so far; return the number of events published."""
+        total = 0
+        while (n := self.run_once(stop)) > 0:
+            total += n
+        return total
+
+    def run(
+        self,
+        stop: threading.Event,
+        on_progress: Callable[[RelayStats], None] | None = None,
+        progress_every: float = 5.0,
+    ) -> RelayStats:
+        """Relay until `stop` is set: drain, then sleep until a commit notice (or a poll)."""
+        last_report = time.monotonic()
+        while not stop.is_set():
+            try:
+                published = self.run_once(stop)
+            except PublishInterrupted:
+                break
+            now = time.monotonic()
+            if on_progress is not None and now - last_report >= progress_every:
+                self.stats.head = self.store.head_position()
+                on_progress(self.stats)
+                last_report = now
+            if published < self.batch_size:
+                self.waiter.wait(self.idle_timeout)
+        self.stats.head = self.store.head_position()
+        return self.stats
