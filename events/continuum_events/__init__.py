@@ -34,6 +34,7 @@ from continuum_events.patient import (
     ReassessmentRecordedData,
 )
 from continuum_events.registry import EVENT_TYPES, PatientEvent, parse_event, parse_event_json
+from continuum_events.wire import canonical_json
 
 __all__ = [
     "EVENT_TYPES",
@@ -65,6 +66,7 @@ __all__ = [
     "ReassessmentRecordedData",
     "VarianceReason",
     "VoidReason",
+    "canonical_json",
     "parse_event",
     "parse_event_json",
 ]

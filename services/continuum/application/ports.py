@@ -7,7 +7,19 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from continuum.domain.commands import Identity
-from continuum_events import PatientEvent
+from continuum_events import PatientEvent, canonical_json
+
+
+@dataclass(frozen=True)
+class WireEvent:
+    """An event in its canonical wire form, with the metadata a publisher needs."""
+
+    position: int
+    stream_id: str
+    event_id: str
+    event_type: str
+    schema_version: int
+    value: bytes
 
 
 @dataclass(frozen=True)
@@ -50,6 +62,15 @@ class EventStore(abc.ABC):
     @abc.abstractmethod
     def read_all(self, after: int = 0, limit: int = 1000) -> list[PatientEvent]:
         """Committed events with position > `after`, in position order, at most `limit`."""
+
+    def read_wire(self, after: int = 0, limit: int = 1000) -> list[WireEvent]:
+        """Like `read_all`, in canonical wire form (stores may build it without validation)."""
+        return [_wire(event) for event in self.read_all(after, limit)]
+
+    def iter_wire(self, after: int = 0, batch: int = 1000) -> Iterator[WireEvent]:
+        while page := self.read_wire(after, batch):
+            yield from page
+            after = page[-1].position
 
     def iter_all(self, after: int = 0, batch: int = 1000) -> Iterator[PatientEvent]:
         """Every committed event after `after`, page by page."""
@@ -101,3 +122,15 @@ class Checkpoints(abc.ABC):
     @abc.abstractmethod
     def put(self, name: str, position: int) -> None:
         """Record that `name` has processed everything up to `position`."""
+
+
+def _wire(event: PatientEvent) -> WireEvent:
+    assert event.position is not None
+    return WireEvent(
+        position=event.position,
+        stream_id=event.stream_id,
+        event_id=str(event.event_id),
+        event_type=event.event_type,
+        schema_version=event.schema_version,
+        value=canonical_json(event),
+    )

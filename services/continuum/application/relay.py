@@ -17,8 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from continuum.application.ports import Checkpoints, EventStore
-from continuum_events import PatientEvent
+from continuum.application.ports import Checkpoints, EventStore, WireEvent
 
 log = logging.getLogger("continuum.relay")
 
@@ -27,7 +26,7 @@ class Publisher(abc.ABC):
     """Publishes events and returns only when the bus has acknowledged all of them."""
 
     @abc.abstractmethod
-    def publish(self, events: Sequence[PatientEvent], stop: threading.Event) -> None:
+    def publish(self, events: Sequence[WireEvent], stop: threading.Event) -> None:
         """Publish in order. Blocks through outages; returns early only if `stop` is set,
         raising `PublishInterrupted`."""
 
@@ -96,13 +95,12 @@ class Relay:
         """Publish one batch after the checkpoint; return how many events it held."""
         stop = stop or threading.Event()
         after = self.checkpoints.get(self.name)
-        events = self.store.read_all(after, self.batch_size)
+        events = self.store.read_wire(after, self.batch_size)
         if not events:
             self.stats.checkpoint = after
             return 0
         self.publisher.publish(events, stop)
         last = events[-1].position
-        assert last is not None
         self.checkpoints.put(self.name, last)
         self.stats.published += len(events)
         self.stats.batches += 1

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy.exc import OperationalError
 
-from continuum.adapters.kafka.clients import BrokerUnavailable, TopicProblem
+from continuum.adapters.kafka.errors import BrokerUnavailable, TopicProblem
 from continuum.application.ports import AppendResult
 from continuum.application.service import CommandContext
 from continuum.bootstrap import App, bootstrap
@@ -573,17 +573,20 @@ def log_export(
         Path | None, typer.Option(help="Write to this file (default stdout).")
     ] = None,
 ) -> None:
-    """Every event in global order as JSON lines (the auditors' export)."""
+    """Every event in global order as JSON lines: the canonical wire form, byte for byte what
+    the relay publishes (the auditors' export)."""
     with _app() as application, _errors():
-        target = output.open("w", encoding="utf-8") if output else sys.stdout
+        target = output.open("wb") if output else sys.stdout.buffer
         count = 0
         try:
-            for event in application.store.iter_all(after):
-                target.write(event.model_dump_json() + "\n")
+            for event in application.store.iter_wire(after, batch=5_000):
+                target.write(event.value + b"\n")
                 count += 1
         finally:
             if output:
                 target.close()
+            else:
+                target.flush()
         err.print(f"exported {count} events after position {after}")
 
 

@@ -18,19 +18,12 @@ from kafka.errors import (
     TopicAlreadyExistsError,
 )
 
+from continuum.adapters.kafka.errors import BrokerUnavailable, TopicProblem
 from continuum.domain.errors import ContinuumError
 from continuum.settings import Settings
 
 #: A week: an outage shorter than this is waited out by the producer's own retries.
 DELIVERY_TIMEOUT_MS = 7 * 24 * 3600 * 1000
-
-
-class BrokerUnavailable(ContinuumError):
-    rule = "kafka.unreachable"
-
-
-class TopicProblem(ContinuumError):
-    rule = "kafka.topic"
 
 
 def _bootstrap(settings: Settings) -> list[str]:

@@ -1,4 +1,5 @@
-"""Publishes events to a Kafka topic: keyed by patient, JSON envelope, security labels."""
+"""Publishes events to a Kafka topic: keyed by patient, the canonical JSON envelope as value
+(`continuum_events.wire`), and headers with the event id, type, schema and security labels."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from kafka import KafkaProducer
 from kafka.errors import KafkaError, KafkaTimeoutError
 
 from continuum.adapters.kafka import clients
+from continuum.application.ports import WireEvent
 from continuum.application.relay import Publisher, PublishInterrupted
 from continuum.settings import Settings
-from continuum_events import PatientEvent
 
 log = logging.getLogger("continuum.relay")
 
@@ -26,20 +27,15 @@ SECURITY_HEADERS: list[tuple[str, bytes]] = [
 ]
 
 
-def headers_for(event: PatientEvent) -> list[tuple[str, bytes]]:
+def headers_for(event: WireEvent) -> list[tuple[str, bytes]]:
     return [
-        ("event_id", str(event.event_id).encode()),
+        ("event_id", event.event_id.encode()),
         ("event_type", event.event_type.encode()),
         ("schema_version", str(event.schema_version).encode()),
         ("content-type", CONTENT_TYPE),
         ("schema", f"{event.event_type}.v{event.schema_version}.schema.json".encode()),
         *SECURITY_HEADERS,
     ]
-
-
-def encode(event: PatientEvent) -> bytes:
-    """The wire value: the event contract's JSON envelope, exactly as `log export` writes it."""
-    return event.model_dump_json().encode("utf-8")
 
 
 class KafkaPublisher(Publisher):
@@ -56,7 +52,7 @@ class KafkaPublisher(Publisher):
         self.producer = producer or clients.producer(settings)
         self.wait_report = wait_report
 
-    def publish(self, events: Sequence[PatientEvent], stop: threading.Event) -> None:
+    def publish(self, events: Sequence[WireEvent], stop: threading.Event) -> None:
         futures: list[Any] = []
         for event in events:
             futures.append(self._send(event, stop))
@@ -67,14 +63,14 @@ class KafkaPublisher(Publisher):
             except KafkaError as exc:
                 raise clients.explain(exc, self.settings, topic=self.topic) from exc
 
-    def _send(self, event: PatientEvent, stop: threading.Event) -> Any:
+    def _send(self, event: WireEvent, stop: threading.Event) -> Any:
         waited_since: float | None = None
         while True:
             try:
                 return self.producer.send(
                     self.topic,
                     key=event.stream_id.encode(),
-                    value=encode(event),
+                    value=event.value,
                     headers=headers_for(event),
                 )
             except KafkaTimeoutError:  # no metadata or a full buffer: the broker is away

@@ -38,10 +38,10 @@ from sqlalchemy.exc import IntegrityError
 
 from continuum.adapters.sql import tables as t
 from continuum.adapters.sql.database import BEGIN_MODE, is_sqlite
-from continuum.application.ports import AppendResult, Checkpoints, EventStore
+from continuum.application.ports import AppendResult, Checkpoints, EventStore, WireEvent
 from continuum.domain.commands import Identity
 from continuum.domain.errors import ConcurrencyConflict, Duplicate
-from continuum_events import PatientEvent, parse_event
+from continuum_events import PatientEvent, parse_event, wire
 
 _EVENT_COLUMNS = (
     t.events.c.row_id,
@@ -243,6 +243,19 @@ class SqlEventStore(EventStore):
         with self._reader() as conn:
             return [_from_row(row) for row in conn.execute(query)]
 
+    def read_wire(self, after: int = 0, limit: int = 1000) -> list[WireEvent]:
+        """The relay's and exporter's fast path: wire bytes straight from the rows."""
+        self.sequence()
+        query = (
+            select(*_EVENT_COLUMNS, t.event_log.c.position)
+            .select_from(t.event_log.join(t.events, t.event_log.c.row_id == t.events.c.row_id))
+            .where(t.event_log.c.position > after)
+            .order_by(t.event_log.c.position)
+            .limit(limit)
+        )
+        with self._reader() as conn:
+            return [_wire_from_row(row) for row in conn.execute(query)]
+
     def find_idempotent(self, key: str, request_hash: str | None = None) -> AppendResult | None:
         with self._reader() as conn:
             record = conn.execute(
@@ -362,6 +375,46 @@ def _to_row(event: PatientEvent) -> dict[str, Any]:
         "policy_version": event.policy.version if event.policy else None,
         "data": body["data"],
     }
+
+
+def _envelope_from_row(m: Any) -> dict[str, Any]:
+    policy = (
+        {"id": m["policy_id"], "version": m["policy_version"]}
+        if m["policy_id"] is not None
+        else None
+    )
+    return {
+        "event_id": m["event_id"],
+        "event_type": m["event_type"],
+        "schema_version": m["schema_version"],
+        "stream_id": m["stream_id"],
+        "stream_version": m["stream_version"],
+        "position": m["position"],
+        "occurred_at": _iso(m["occurred_at"]),
+        "recorded_at": _iso(m["recorded_at"]),
+        "actor": {"id": m["actor_id"], "role": m["actor_role"]},
+        "correlation_id": m["correlation_id"],
+        "causation_id": m["causation_id"],
+        "policy": policy,
+        "data": m["data"],
+    }
+
+
+def _iso(value: dt.datetime) -> str:
+    """UTC, ISO 8601, 'Z': exactly how pydantic writes an aware UTC datetime."""
+    return _as_utc(value).isoformat().replace("+00:00", "Z")
+
+
+def _wire_from_row(row: Any) -> WireEvent:
+    m = row._mapping
+    return WireEvent(
+        position=m["position"],
+        stream_id=m["stream_id"],
+        event_id=m["event_id"],
+        event_type=m["event_type"],
+        schema_version=m["schema_version"],
+        value=wire.dumps(_envelope_from_row(m)),
+    )
 
 
 def _from_row(row: Row[Any] | Any) -> PatientEvent:
