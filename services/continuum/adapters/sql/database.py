@@ -57,7 +57,10 @@ def create_database_engine(
         echo=echo,
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
+        # No pre-ping: it costs a round trip per checkout. A connection found dead is
+        # invalidated by SQLAlchemy and the failed command can be retried.
+        pool_pre_ping=False,
+        pool_recycle=1800,
         connect_args=connect_args,
     )
 

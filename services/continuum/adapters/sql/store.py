@@ -30,10 +30,25 @@ lock is the database's own and the same code runs unchanged.
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Row, delete, func, insert, select, text, update
+from sqlalchemy import (
+    JSON,
+    Connection,
+    DateTime,
+    Engine,
+    Row,
+    bindparam,
+    delete,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 
 from continuum.adapters.sql import tables as t
@@ -42,6 +57,8 @@ from continuum.application.ports import AppendResult, Checkpoints, EventStore, W
 from continuum.domain.commands import Identity
 from continuum.domain.errors import ConcurrencyConflict, Duplicate
 from continuum_events import PatientEvent, parse_event, wire
+
+_SEQUENCER = "continuum.sequencer:"
 
 _EVENT_COLUMNS = (
     t.events.c.row_id,
@@ -62,10 +79,83 @@ _EVENT_COLUMNS = (
 )
 
 
+# -- prebuilt statements for the append path (built once: no per-call construction cost) -------
+
+_COLUMNS = (
+    "event_id, stream_id, stream_version, event_type, schema_version, occurred_at, "
+    "recorded_at, actor_id, actor_role, correlation_id, causation_id, policy_id, "
+    "policy_version, data"
+)
+_VALUES = ", ".join(f":{name.strip()}" for name in _COLUMNS.split(","))
+_TYPED = (
+    bindparam("occurred_at", type_=DateTime(timezone=True)),
+    bindparam("recorded_at", type_=DateTime(timezone=True)),
+    bindparam("data", type_=t.Json),
+)
+#: Checks the stream version, inserts the event and its pending row, and tries the sequencer
+#: lock, in one round trip. No row comes back when the version guard fails.
+_PG_APPEND = text(
+    f"""
+    WITH guard AS (
+        SELECT 1 FROM events WHERE stream_id = :stream_id
+        HAVING coalesce(max(stream_version), 0) = :expected
+    ), inserted AS (
+        INSERT INTO events ({_COLUMNS}) SELECT {_VALUES} FROM guard RETURNING row_id
+    )
+    INSERT INTO event_pending (row_id) SELECT row_id FROM inserted
+    RETURNING row_id, pg_try_advisory_xact_lock(hashtext('{_SEQUENCER}' || current_schema()))
+    """
+).bindparams(*_TYPED)
+#: Drains every visible pending row into the log, numbered after the current maximum.
+_PG_SEQUENCE = text(
+    """
+    WITH drained AS (DELETE FROM event_pending RETURNING row_id),
+    top AS (SELECT coalesce(max(position), 0) AS p FROM event_log)
+    INSERT INTO event_log (position, row_id)
+    SELECT top.p + row_number() OVER (ORDER BY drained.row_id), drained.row_id
+    FROM drained, top
+    RETURNING position, row_id
+    """
+)
+_SQLITE_APPEND = text(
+    f"""
+    INSERT INTO events ({_COLUMNS})
+    SELECT {_VALUES}
+    WHERE (SELECT coalesce(max(stream_version), 0) FROM events WHERE stream_id = :stream_id)
+          = :expected
+    RETURNING row_id, 1
+    """
+).bindparams(*_TYPED)
+_SQLITE_NUMBER = text(
+    "INSERT INTO event_log (position, row_id) "
+    "SELECT coalesce(max(position), 0) + 1, :row_id FROM event_log RETURNING position"
+)
+_INSERT_IDEMPOTENCY = insert(t.idempotency_keys).values(
+    key=bindparam("key"),
+    request_hash=bindparam("request_hash"),
+    stream_id=bindparam("stream_id"),
+    event_ids=bindparam("event_ids", type_=JSON),
+    recorded_at=bindparam("recorded_at", type_=DateTime(timezone=True)),
+)
+
+_SQLITE_WRITE_LOCKS: dict[str, threading.Lock] = {}
+
+
+def _sqlite_write_lock(engine: Engine) -> threading.Lock:
+    key = str(engine.url.database)
+    return _SQLITE_WRITE_LOCKS.setdefault(key, threading.Lock())
+
+
 class SqlEventStore(EventStore):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._sqlite = is_sqlite(engine)
+        self._append_sql = _SQLITE_APPEND if self._sqlite else _PG_APPEND
+        # SQLite has one writer at a time anyway: queue this process's writers on a lock
+        # rather than on SQLite's busy handler, which sleeps and backs off.
+        self._write_queue: AbstractContextManager[Any] = (
+            _sqlite_write_lock(engine) if self._sqlite else nullcontext()
+        )
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -94,35 +184,41 @@ class SqlEventStore(EventStore):
                 rule="event.duplicate_id",
                 field="event_id",
             )
+        rows = [_to_row(event) for event in events]
         try:
-            with self.engine.begin() as conn:
-                actual = self._stream_version(conn, stream_id)
-                if actual != expected_version:
-                    raise ConcurrencyConflict(stream_id, expected_version, actual)
+            with self._write_queue, self.engine.begin() as conn:
                 if idempotency_key is not None:
                     conn.execute(
-                        insert(t.idempotency_keys).values(
-                            key=idempotency_key,
-                            request_hash=request_hash,
-                            stream_id=stream_id,
-                            event_ids=[str(e.event_id) for e in events],
-                            recorded_at=_utc(events[0].recorded_at),
-                        )
+                        _INSERT_IDEMPOTENCY,
+                        {
+                            "key": idempotency_key,
+                            "request_hash": request_hash,
+                            "stream_id": stream_id,
+                            "event_ids": ids,
+                            "recorded_at": _utc(events[0].recorded_at),
+                        },
                     )
                 own_rows: list[int] = []
-                for event in events:
-                    row_id = conn.execute(
-                        insert(t.events).values(**_to_row(event)).returning(t.events.c.row_id)
-                    ).scalar_one()
-                    own_rows.append(row_id)
-                conn.execute(insert(t.event_pending), [{"row_id": r} for r in own_rows])
+                locked = False
+                for offset, row in enumerate(rows):
+                    got = conn.execute(
+                        self._append_sql, {**row, "expected": expected_version + offset}
+                    ).first()
+                    if got is None:  # the guard saw another version: nothing was inserted
+                        actual = self._stream_version(conn, stream_id)
+                        raise ConcurrencyConflict(stream_id, expected_version, actual)
+                    own_rows.append(int(got[0]))
+                    locked = bool(got[1])
                 if identity is not None:
                     conn.execute(
                         insert(t.patient_identities).values(
                             patient_key=stream_id, **identity.model_dump()
                         )
                     )
-                numbered = self._sequence(conn, wait=False)
+                if self._sqlite:
+                    numbered = self._number_directly(conn, own_rows)
+                else:
+                    numbered = self._sequence_all(conn) if locked else {}
         except ConcurrencyConflict:
             # A retry of an append that already succeeded finds its stream moved on.
             if idempotency_key is not None:
@@ -194,6 +290,8 @@ class SqlEventStore(EventStore):
     def _sequence(self, conn: Connection, *, wait: bool) -> dict[int, int]:
         if not self._lock_sequencer(conn, wait=wait):
             return {}
+        if not self._sqlite:
+            return self._sequence_all(conn)
         pending = list(
             conn.execute(select(t.event_pending.c.row_id).order_by(t.event_pending.c.row_id))
             .scalars()
@@ -210,10 +308,25 @@ class SqlEventStore(EventStore):
             conn.execute(delete(t.event_pending).where(t.event_pending.c.row_id.in_(chunk)))
         return numbered
 
+    def _sequence_all(self, conn: Connection) -> dict[int, int]:
+        """Number every pending row this statement can see (the caller holds the lock).
+
+        One statement, run after the lock was taken, so its snapshot includes whatever the
+        previous sequencer committed."""
+        return {int(r): int(p) for p, r in conn.execute(_PG_SEQUENCE)}
+
+    def _number_directly(self, conn: Connection, own_rows: list[int]) -> dict[int, int]:
+        """SQLite: the writer holds the database's write lock, so no event can be pending and
+        it numbers its own rows at once."""
+        numbered = {}
+        for row_id in own_rows:
+            numbered[row_id] = int(conn.execute(_SQLITE_NUMBER, {"row_id": row_id}).scalar_one())
+        return numbered
+
     def _lock_sequencer(self, conn: Connection, *, wait: bool) -> bool:
         if self._sqlite:
             return True  # BEGIN IMMEDIATE already holds the database's write lock
-        key = "hashtext('continuum.sequencer:' || current_schema())"
+        key = f"hashtext('{_SEQUENCER}' || current_schema())"
         if wait:
             conn.execute(text(f"SELECT pg_advisory_xact_lock({key})"))
             return True
