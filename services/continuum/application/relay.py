@@ -22,13 +22,32 @@ from continuum.application.ports import Checkpoints, EventStore, WireEvent
 log = logging.getLogger("continuum.relay")
 
 
+@dataclass
+class InFlight:
+    """A batch handed to the bus and not yet known to be acknowledged."""
+
+    last_position: int
+    count: int
+    handle: object
+
+
 class Publisher(abc.ABC):
-    """Publishes events and returns only when the bus has acknowledged all of them."""
+    """Hands events to a bus in order; `finish` returns once the bus acknowledged them."""
 
     @abc.abstractmethod
+    def start(self, events: Sequence[WireEvent], stop: threading.Event) -> InFlight:
+        """Send in order without waiting for acknowledgements."""
+
+    @abc.abstractmethod
+    def finish(self, batch: InFlight, stop: threading.Event) -> None:
+        """Block until every message of `batch` is acknowledged, through outages; raise
+        `PublishInterrupted` if `stop` is set first."""
+
     def publish(self, events: Sequence[WireEvent], stop: threading.Event) -> None:
-        """Publish in order. Blocks through outages; returns early only if `stop` is set,
-        raising `PublishInterrupted`."""
+        self.finish(self.start(events, stop), stop)
+
+    def flush(self, stop: threading.Event) -> None:  # noqa: B027 - optional hook
+        """Send whatever is buffered now, instead of waiting for more to batch with."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
@@ -91,28 +110,45 @@ class Relay:
         self.idle_timeout = idle_timeout
         self.stats = RelayStats(checkpoint=checkpoints.get(name))
 
-    def run_once(self, stop: threading.Event | None = None) -> int:
-        """Publish one batch after the checkpoint; return how many events it held."""
+    def drain(self, stop: threading.Event | None = None) -> int:
+        """Publish everything committed so far; return the number of events published.
+
+        Pipelined: batch k+1 is read from the store while batch k is in flight, and the
+        checkpoint moves past batch k only once the bus has acknowledged all of it."""
         stop = stop or threading.Event()
         after = self.checkpoints.get(self.name)
-        events = self.store.read_wire(after, self.batch_size)
+        self.stats.checkpoint = after
+        total = 0
+        in_flight: InFlight | None = None
+        while True:
+            events = self.store.read_wire(after, self.batch_size)
+            started = self.publisher.start(events, stop) if events else None
+            if in_flight is not None:
+                if started is None:  # caught up: nothing to batch with, send it now
+                    self.publisher.flush(stop)
+                self._complete(in_flight, stop)
+            if started is None:
+                return total
+            in_flight, after = started, started.last_position
+            total += started.count
+
+    def run_once(self, stop: threading.Event | None = None) -> int:
+        """Publish one batch after the checkpoint and wait for it; return its size."""
+        stop = stop or threading.Event()
+        events = self.store.read_wire(self.checkpoints.get(self.name), self.batch_size)
         if not events:
-            self.stats.checkpoint = after
             return 0
-        self.publisher.publish(events, stop)
-        last = events[-1].position
-        self.checkpoints.put(self.name, last)
-        self.stats.published += len(events)
-        self.stats.batches += 1
-        self.stats.checkpoint = last
+        batch = self.publisher.start(events, stop)
+        self.publisher.flush(stop)
+        self._complete(batch, stop)
         return len(events)
 
-    def drain(self, stop: threading.Event | None = None) -> int:
-        """Publish everything committed so far; return the number of events published."""
-        total = 0
-        while (n := self.run_once(stop)) > 0:
-            total += n
-        return total
+    def _complete(self, batch: InFlight, stop: threading.Event) -> None:
+        self.publisher.finish(batch, stop)
+        self.checkpoints.put(self.name, batch.last_position)
+        self.stats.published += batch.count
+        self.stats.batches += 1
+        self.stats.checkpoint = batch.last_position
 
     def run(
         self,
@@ -124,7 +160,11 @@ class Relay:
         last_report = time.monotonic()
         while not stop.is_set():
             try:
+                # A full batch means a backlog: drain it pipelined. Otherwise this is live
+                # traffic, sent at once for latency.
                 published = self.run_once(stop)
+                if published >= self.batch_size:
+                    published += self.drain(stop)
             except PublishInterrupted:
                 break
             now = time.monotonic()

@@ -14,7 +14,7 @@ from kafka.errors import KafkaError, KafkaTimeoutError
 
 from continuum.adapters.kafka import clients
 from continuum.application.ports import WireEvent
-from continuum.application.relay import Publisher, PublishInterrupted
+from continuum.application.relay import InFlight, Publisher, PublishInterrupted
 from continuum.settings import Settings
 
 log = logging.getLogger("continuum.relay")
@@ -52,16 +52,37 @@ class KafkaPublisher(Publisher):
         self.producer = producer or clients.producer(settings)
         self.wait_report = wait_report
 
-    def publish(self, events: Sequence[WireEvent], stop: threading.Event) -> None:
-        futures: list[Any] = []
-        for event in events:
-            futures.append(self._send(event, stop))
-        self._await_acks(len(events), stop)
+    def start(self, events: Sequence[WireEvent], stop: threading.Event) -> InFlight:
+        futures = [self._send(event, stop) for event in events]
+        return InFlight(last_position=events[-1].position, count=len(events), handle=futures)
+
+    def finish(self, batch: InFlight, stop: threading.Event) -> None:
+        futures: list[Any] = batch.handle  # type: ignore[assignment]
+        waited_since: float | None = None
         for future in futures:
+            while True:
+                try:
+                    future.get(timeout=self.wait_report)
+                    break
+                except KafkaTimeoutError:
+                    waited_since = self._report_wait(waited_since, "acknowledgements", stop)
+                except KafkaError as exc:
+                    raise clients.explain(exc, self.settings, topic=self.topic) from exc
+        if waited_since is not None:
+            log.warning(
+                "broker back: %d messages acknowledged after %.0f s",
+                batch.count,
+                time.monotonic() - waited_since,
+            )
+
+    def flush(self, stop: threading.Event) -> None:
+        waited_since: float | None = None
+        while True:
             try:
-                future.get(timeout=0)
-            except KafkaError as exc:
-                raise clients.explain(exc, self.settings, topic=self.topic) from exc
+                self.producer.flush(timeout=self.wait_report)
+                return
+            except KafkaTimeoutError:
+                waited_since = self._report_wait(waited_since, "acknowledgements", stop)
 
     def _send(self, event: WireEvent, stop: threading.Event) -> Any:
         waited_since: float | None = None
@@ -75,21 +96,6 @@ class KafkaPublisher(Publisher):
                 )
             except KafkaTimeoutError:  # no metadata or a full buffer: the broker is away
                 waited_since = self._report_wait(waited_since, "send", stop)
-
-    def _await_acks(self, count: int, stop: threading.Event) -> None:
-        waited_since: float | None = None
-        while True:
-            try:
-                self.producer.flush(timeout=self.wait_report)
-                if waited_since is not None:
-                    log.warning(
-                        "broker back: %d messages acknowledged after %.0f s",
-                        count,
-                        time.monotonic() - waited_since,
-                    )
-                return
-            except KafkaTimeoutError:
-                waited_since = self._report_wait(waited_since, "acknowledgements", stop)
 
     def _report_wait(self, since: float | None, what: str, stop: threading.Event) -> float:
         if stop.is_set():

@@ -84,7 +84,7 @@ _EVENT_COLUMNS = (
 _COLUMNS = (
     "event_id, stream_id, stream_version, event_type, schema_version, occurred_at, "
     "recorded_at, actor_id, actor_role, correlation_id, causation_id, policy_id, "
-    "policy_version, data"
+    "policy_version, data, body"
 )
 _VALUES = ", ".join(f":{name.strip()}" for name in _COLUMNS.split(","))
 _TYPED = (
@@ -137,6 +137,26 @@ _INSERT_IDEMPOTENCY = insert(t.idempotency_keys).values(
     event_ids=bindparam("event_ids", type_=JSON),
     recorded_at=bindparam("recorded_at", type_=DateTime(timezone=True)),
 )
+
+_READ_WIRE = text(
+    """
+    SELECT l.position, e.row_id, e.stream_id, e.event_id, e.event_type, e.schema_version, e.body
+    FROM event_log l JOIN events e ON e.row_id = l.row_id
+    WHERE l.position > :after ORDER BY l.position LIMIT :limit
+    """
+)
+_NULL_POSITION = '"position":null'
+
+
+def _splice_position(body: str, position: int) -> bytes:
+    """Put the position into stored wire bytes. With keys sorted, the envelope's own
+    "position" key is the only unescaped `"position":` in the document: data payloads have no
+    such key (the schemas say so) and a quote inside a string value is escaped."""
+    spliced = body.replace(_NULL_POSITION, f'"position":{position}', 1)
+    if spliced == body:
+        raise ValueError(f"stored body at position {position} has no null position")
+    return spliced.encode("utf-8")
+
 
 _SQLITE_WRITE_LOCKS: dict[str, threading.Lock] = {}
 
@@ -357,17 +377,35 @@ class SqlEventStore(EventStore):
             return [_from_row(row) for row in conn.execute(query)]
 
     def read_wire(self, after: int = 0, limit: int = 1000) -> list[WireEvent]:
-        """The relay's and exporter's fast path: wire bytes straight from the rows."""
+        """The relay's and exporter's fast path: the stored bytes, with the position spliced
+        in; rows from before revision 0003 are rebuilt from their columns."""
         self.sequence()
-        query = (
-            select(*_EVENT_COLUMNS, t.event_log.c.position)
-            .select_from(t.event_log.join(t.events, t.event_log.c.row_id == t.events.c.row_id))
-            .where(t.event_log.c.position > after)
-            .order_by(t.event_log.c.position)
-            .limit(limit)
-        )
         with self._reader() as conn:
-            return [_wire_from_row(row) for row in conn.execute(query)]
+            rows = conn.execute(_READ_WIRE, {"after": after, "limit": limit}).all()
+            legacy = [row.row_id for row in rows if row.body is None]
+            rebuilt: dict[int, WireEvent] = {}
+            if legacy:
+                query = (
+                    select(*_EVENT_COLUMNS, t.event_log.c.position)
+                    .select_from(
+                        t.event_log.join(t.events, t.event_log.c.row_id == t.events.c.row_id)
+                    )
+                    .where(t.events.c.row_id.in_(legacy))
+                )
+                rebuilt = {row.row_id: _wire_from_row(row) for row in conn.execute(query)}
+        return [
+            rebuilt[row.row_id]
+            if row.body is None
+            else WireEvent(
+                position=row.position,
+                stream_id=row.stream_id,
+                event_id=row.event_id,
+                event_type=row.event_type,
+                schema_version=row.schema_version,
+                value=_splice_position(row.body, row.position),
+            )
+            for row in rows
+        ]
 
     def find_idempotent(self, key: str, request_hash: str | None = None) -> AppendResult | None:
         with self._reader() as conn:
@@ -472,6 +510,7 @@ def _as_utc(value: dt.datetime) -> dt.datetime:
 
 def _to_row(event: PatientEvent) -> dict[str, Any]:
     body = event.model_dump(mode="json")
+    body["position"] = None
     return {
         "event_id": str(event.event_id),
         "stream_id": event.stream_id,
@@ -487,6 +526,7 @@ def _to_row(event: PatientEvent) -> dict[str, Any]:
         "policy_id": event.policy.id if event.policy else None,
         "policy_version": event.policy.version if event.policy else None,
         "data": body["data"],
+        "body": wire.dumps(body).decode("utf-8"),
     }
 
 

@@ -20,6 +20,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
     UniqueConstraint,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -47,6 +48,9 @@ events = Table(
     Column("policy_id", String(32)),
     Column("policy_version", String(32)),
     Column("data", Json, nullable=False),
+    #: The canonical wire bytes with "position": null (continuum_events.wire); the position is
+    #: spliced in when read by position. Null for rows written before revision 0003.
+    Column("body", Text),
     UniqueConstraint("stream_id", "stream_version", name="uq_events_stream_version"),
 )
 
