@@ -44,7 +44,7 @@ from continuum.adapters.sql.migrate import upgrade
 from continuum.adapters.sql.notify import PgNotifyWaiter
 from continuum.adapters.sql.store import SqlCheckpoints, SqlEventStore
 from continuum.application.ports import WireEvent
-from continuum.application.relay import Relay
+from continuum.application.relay import InFlight, Relay
 from continuum.application.service import PatientService, new_patient_key
 from continuum.domain import commands as c
 from continuum.domain.policy import PolicyRegistry
