@@ -29,6 +29,7 @@ from continuum.application.service import CommandContext
 from continuum.bootstrap import App, bootstrap
 from continuum.domain import commands as c
 from continuum.domain import errors as e
+from continuum.entrypoints.ingest_cli import ingest
 from continuum.settings import Settings
 from continuum_events import Actor
 
@@ -759,6 +760,9 @@ def relay(
         finally:
             publisher.close()
             waiter.close()
+
+
+app.command()(ingest)
 
 
 def _level_of(result: AppendResult) -> str:
