@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from tests.kafka_broker import (
     start_outage_broker,
     unique_name,
 )
+from tests.support import fresh_pg_schema
 
 DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/continuum_test"
 
@@ -69,19 +69,8 @@ def pg_url() -> str:
 
 @pytest.fixture
 def pg_engine(pg_url: str) -> Iterator[Engine]:
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = create_database_engine(pg_url)
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    engine = create_database_engine(pg_url, schema=schema, pool_size=12)
-    try:
-        upgrade(engine)
+    with fresh_pg_schema(pg_url) as engine:
         yield engine
-    finally:
-        engine.dispose()
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
 
 
 @pytest.fixture

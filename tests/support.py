@@ -3,11 +3,34 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
+from sqlalchemy import Engine, text
+
+from continuum.adapters.sql.database import create_database_engine
+from continuum.adapters.sql.migrate import upgrade
 from continuum.domain import commands as c
 
 T0 = dt.datetime(2026, 1, 5, 9, 0, tzinfo=dt.UTC)
+
+#: The fields the issue says every event carries, stored or exported.
+ENVELOPE_FIELDS = {
+    "event_id",
+    "event_type",
+    "schema_version",
+    "stream_id",
+    "stream_version",
+    "position",
+    "occurred_at",
+    "recorded_at",
+    "actor",
+    "correlation_id",
+    "causation_id",
+    "policy",
+    "data",
+}
 
 
 class FixedClock:
@@ -36,3 +59,24 @@ def assessment(ratings: str | Sequence[str], hours: float | None = None) -> c.As
 def day(n: float) -> dt.datetime:
     """Clinical time n days after T0."""
     return T0 + dt.timedelta(days=n)
+
+
+@contextmanager
+def fresh_pg_schema(
+    url: str, *, migrate: bool = True, pool_size: int = 12, prefix: str = "t"
+) -> Iterator[Engine]:
+    """An engine whose tables live in a new PostgreSQL schema, dropped afterwards."""
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = create_database_engine(url)
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    engine = create_database_engine(url, schema=schema, pool_size=pool_size)
+    try:
+        if migrate:
+            upgrade(engine)
+        yield engine
+    finally:
+        engine.dispose()
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()

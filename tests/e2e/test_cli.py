@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 from continuum.adapters.sql.database import create_database_engine
 from continuum.adapters.sql.migrate import head_revision
 from continuum.entrypoints.cli import app
+from tests.support import ENVELOPE_FIELDS
 
 runner = CliRunner()
 
@@ -151,21 +152,7 @@ def test_a_whole_journey(cli: Cli) -> None:
     exported = cli.export()
     assert [e["position"] for e in exported] == list(range(1, 9))
     for event in exported:
-        assert set(event) >= {
-            "event_id",
-            "event_type",
-            "schema_version",
-            "stream_id",
-            "stream_version",
-            "position",
-            "occurred_at",
-            "recorded_at",
-            "actor",
-            "correlation_id",
-            "causation_id",
-            "policy",
-            "data",
-        }
+        assert set(event) >= ENVELOPE_FIELDS
         assert event["actor"] == {"id": "cm-test", "role": "case_manager"}
         assert "Synthetic" not in json.dumps(event)
     assert [

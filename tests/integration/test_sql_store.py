@@ -21,7 +21,7 @@ from continuum.domain import commands as c
 from continuum.domain.errors import InvalidInput, StoreNotReady
 from continuum.domain.policy import PolicyRegistry
 from continuum_events import PatientEvent
-from tests.support import FixedClock, assessment, day
+from tests.support import FixedClock, assessment, day, fresh_pg_schema
 
 BIRTH_DATE = dt.date(1964, 11, 30)
 
@@ -146,18 +146,8 @@ def test_identity_is_in_its_own_table_and_not_in_the_events_table(
 @pytest.fixture
 def empty_pg_engine(pg_url: str) -> Iterator[Engine]:
     """An engine on a schema that exists but was never migrated."""
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = create_database_engine(pg_url)
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    engine = create_database_engine(pg_url, schema=schema, pool_size=2)
-    try:
+    with fresh_pg_schema(pg_url, migrate=False, pool_size=2) as engine:
         yield engine
-    finally:
-        engine.dispose()
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
 
 
 @pytest.fixture

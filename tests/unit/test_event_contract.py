@@ -12,23 +12,9 @@ from pydantic import ValidationError
 
 from continuum_events import EVENT_TYPES, parse_event, upcasting
 from continuum_events.schema import render, schema_documents
+from tests.support import ENVELOPE_FIELDS
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "docs" / "events" / "schemas"
-ENVELOPE_FIELDS = {
-    "event_id",
-    "event_type",
-    "schema_version",
-    "stream_id",
-    "stream_version",
-    "position",
-    "occurred_at",
-    "recorded_at",
-    "actor",
-    "correlation_id",
-    "causation_id",
-    "policy",
-    "data",
-}
 
 
 def test_committed_schemas_match_the_models() -> None:

@@ -56,7 +56,7 @@ from continuum_events import (
     VarianceReason,
     VoidReason,
 )
-from tests.support import FixedClock, assessment, day
+from tests.support import ENVELOPE_FIELDS, FixedClock, assessment, day
 
 ASAM3 = PolicyRef(id="asam-3", version="2026.1")
 ASAM4 = PolicyRef(id="asam-4", version="2026.1")
@@ -1167,21 +1167,6 @@ def test_an_open_episode_keeps_its_policy() -> None:
 # -- the envelope -----------------------------------------------------------------------------
 
 
-ENVELOPE_FIELDS = {
-    "event_id",
-    "event_type",
-    "schema_version",
-    "stream_id",
-    "stream_version",
-    "position",
-    "occurred_at",
-    "recorded_at",
-    "actor",
-    "correlation_id",
-    "causation_id",
-    "policy",
-    "data",
-}
 DECISION_EVENTS = {
     "PatientAdmitted",
     "PatientReadmitted",

@@ -571,29 +571,7 @@ def _wire_from_row(row: Any) -> WireEvent:
 
 
 def _from_row(row: Row[Any] | Any) -> PatientEvent:
-    m = row._mapping
-    policy = (
-        {"id": m["policy_id"], "version": m["policy_version"]}
-        if m["policy_id"] is not None
-        else None
-    )
-    return parse_event(
-        {
-            "event_id": m["event_id"],
-            "event_type": m["event_type"],
-            "schema_version": m["schema_version"],
-            "stream_id": m["stream_id"],
-            "stream_version": m["stream_version"],
-            "position": m["position"],
-            "occurred_at": _as_utc(m["occurred_at"]),
-            "recorded_at": _as_utc(m["recorded_at"]),
-            "actor": {"id": m["actor_id"], "role": m["actor_role"]},
-            "correlation_id": m["correlation_id"],
-            "causation_id": m["causation_id"],
-            "policy": policy,
-            "data": m["data"],
-        }
-    )
+    return parse_event(_envelope_from_row(row._mapping))
 
 
 def _chunks(items: Sequence[int], size: int) -> Iterable[Sequence[int]]:
