@@ -199,8 +199,9 @@ def add_events(store: SqlEventStore, policies: PolicyRegistry, count: int) -> No
         )
 
 
+@pytest.mark.parametrize("outage", ["connection cut", "broker process stopped"])
 def test_broker_outage_in_the_middle_of_relaying_loses_nothing(
-    pg_engine: Engine, policies: PolicyRegistry, outage_broker: OutageBroker
+    pg_engine: Engine, policies: PolicyRegistry, outage_broker: OutageBroker, outage: str
 ) -> None:
     store = SqlEventStore(pg_engine)
     head = cohort(store, policies, patients=30, seed=22)
@@ -214,12 +215,18 @@ def test_broker_outage_in_the_middle_of_relaying_loses_nothing(
     worker.start()
     try:
         wait_for(lambda: checkpoints.get("r") > 0, "the relay to publish a first batch")
-        outage_broker.proxy.cut()  # the broker is gone, as far as the relay can tell
+        if outage == "connection cut":
+            outage_broker.proxy.cut()  # the broker is gone, as far as the relay can tell
+        else:
+            outage_broker.broker.pause()  # SIGSTOP: the broker answers nothing, keeps its data
         add_events(store, policies, 25)  # work keeps arriving during the outage
         time.sleep(2.0)
         during = checkpoints.get("r")
         assert during < store.head_position(), "nothing can be acknowledged while cut"
-        outage_broker.proxy.restore()
+        if outage == "connection cut":
+            outage_broker.proxy.restore()
+        else:
+            outage_broker.broker.resume()
         wait_for(lambda: checkpoints.get("r") == store.head_position(), "the relay to catch up")
     finally:
         stop.set()
@@ -372,3 +379,48 @@ def test_missing_topic_is_a_clear_error(cli_env: dict[str, str], kafka_broker: B
     )
     assert created.exit_code == 0, created.stderr
     assert "published 0 events" in created.stdout
+
+
+def test_relay_from_the_embedded_sqlite_store_polls_and_publishes(
+    sqlite_engine: Engine, policies: PolicyRegistry, kafka_broker: BrokerInfo
+) -> None:
+    from continuum.application.relay import PollingWaiter
+
+    store = SqlEventStore(sqlite_engine)
+    head = cohort(store, policies, patients=10, seed=24)
+    topic = create_topic(kafka_broker.bootstrap_servers, unique("sqlite"), partitions=3)
+    publisher = KafkaPublisher(settings_for(kafka_broker.bootstrap_servers, kafka_broker), topic)
+    checkpoints = SqlCheckpoints(sqlite_engine)
+    relay = Relay(
+        store, checkpoints, publisher, name="r", waiter=PollingWaiter(0.05), idle_timeout=0.05
+    )
+    stop = threading.Event()
+    worker = threading.Thread(target=relay.run, args=(stop,), daemon=True)
+    worker.start()
+    try:
+        wait_for(lambda: checkpoints.get("r") == head, "the backlog to be published")
+        add_events(store, policies, 3)  # committed while the relay sleeps between polls
+        wait_for(lambda: checkpoints.get("r") == head + 3, "the new events to be polled")
+    finally:
+        stop.set()
+        worker.join(HANG_GUARD)
+        publisher.close()
+    records = consume_all(kafka_broker.bootstrap_servers, topic, head + 3, timeout=30)
+    assert_topic_holds_the_store(records, store, allow_duplicates=False)
+
+
+def test_refused_topic_access_is_explained_with_what_to_grant() -> None:
+    from kafka.errors import TopicAuthorizationFailedError
+
+    from continuum.adapters.kafka.clients import explain
+    from continuum.adapters.kafka.errors import TopicProblem
+
+    problem = explain(
+        TopicAuthorizationFailedError(),
+        Settings(kafka_bootstrap_servers="kafka.example:9092"),
+        topic="continuum.events.v1",
+    )
+    assert isinstance(problem, TopicProblem)
+    assert problem.rule == "kafka.not_authorized"
+    assert "refused access to topic continuum.events.v1" in problem.message
+    assert "WRITE and DESCRIBE for the relay" in problem.message
