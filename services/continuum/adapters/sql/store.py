@@ -92,13 +92,17 @@ _TYPED = (
     bindparam("recorded_at", type_=DateTime(timezone=True)),
     bindparam("data", type_=t.Json),
 )
+#: The stream's current version from one index entry (a max() aggregate visits every entry).
+_LATEST_VERSION = (
+    "SELECT stream_version FROM events WHERE stream_id = :stream_id "
+    "ORDER BY stream_version DESC LIMIT 1"
+)
 #: Checks the stream version, inserts the event and its pending row, and tries the sequencer
 #: lock, in one round trip. No row comes back when the version guard fails.
 _PG_APPEND = text(
     f"""
     WITH guard AS (
-        SELECT 1 FROM events WHERE stream_id = :stream_id
-        HAVING coalesce(max(stream_version), 0) = :expected
+        SELECT 1 WHERE coalesce(({_LATEST_VERSION}), 0) = :expected
     ), inserted AS (
         INSERT INTO events ({_COLUMNS}) SELECT {_VALUES} FROM guard RETURNING row_id
     )
@@ -121,8 +125,7 @@ _SQLITE_APPEND = text(
     f"""
     INSERT INTO events ({_COLUMNS})
     SELECT {_VALUES}
-    WHERE (SELECT coalesce(max(stream_version), 0) FROM events WHERE stream_id = :stream_id)
-          = :expected
+    WHERE coalesce(({_LATEST_VERSION}), 0) = :expected
     RETURNING row_id, 1
     """
 ).bindparams(*_TYPED)
