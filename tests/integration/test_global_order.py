@@ -24,7 +24,7 @@ import pytest
 from sqlalchemy import Connection, Engine, event, text
 
 from continuum.adapters.memory import InMemoryEventStore
-from continuum.adapters.sql.store import SqlEventStore
+from continuum.adapters.sql.store import _SEQUENCER_KEY, SqlEventStore
 from continuum.application.ports import AppendResult
 from continuum.application.service import PatientService, new_patient_key
 from continuum.domain import commands as c
@@ -35,7 +35,7 @@ from tests.support import FixedClock, assessment, day
 pytestmark = pytest.mark.postgres
 
 WAIT = 30.0  # seconds: only a guard against hangs, never a measure of speed
-SEQUENCER_KEY = "hashtext('continuum.sequencer:' || current_schema())"
+SEQUENCER_KEY = _SEQUENCER_KEY  # the store's own lock, not a copy of its text
 
 
 # -- commit control ------------------------------------------------------------------------------

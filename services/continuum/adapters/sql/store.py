@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -42,7 +42,6 @@ from sqlalchemy import (
     Engine,
     Row,
     bindparam,
-    delete,
     func,
     insert,
     select,
@@ -58,7 +57,8 @@ from continuum.domain.commands import Identity
 from continuum.domain.errors import ConcurrencyConflict, Duplicate
 from continuum_events import PatientEvent, parse_event, wire
 
-_SEQUENCER = "continuum.sequencer:"
+#: The PostgreSQL advisory lock that serializes numbering, one per schema.
+_SEQUENCER_KEY = "hashtext('continuum.sequencer:' || current_schema())"
 
 _EVENT_COLUMNS = (
     t.events.c.row_id,
@@ -107,7 +107,7 @@ _PG_APPEND = text(
         INSERT INTO events ({_COLUMNS}) SELECT {_VALUES} FROM guard RETURNING row_id
     )
     INSERT INTO event_pending (row_id) SELECT row_id FROM inserted
-    RETURNING row_id, pg_try_advisory_xact_lock(hashtext('{_SEQUENCER}' || current_schema()))
+    RETURNING row_id, pg_try_advisory_xact_lock({_SEQUENCER_KEY})
     """
 ).bindparams(*_TYPED)
 #: Drains every visible pending row into the log, numbered after the current maximum.
@@ -303,33 +303,18 @@ class SqlEventStore(EventStore):
     # -- sequencing -------------------------------------------------------------------------
 
     def sequence(self) -> int:
-        """Number every committed pending event; return how many were numbered."""
+        """Number every committed pending event; return how many were numbered.
+
+        Only PostgreSQL ever has pending events: a SQLite writer holds the database's write
+        lock and numbers its own rows before it commits."""
+        if self._sqlite:
+            return 0
         with self._reader() as conn:
             if conn.scalar(select(t.event_pending.c.row_id).limit(1)) is None:
                 return 0
         with self.engine.begin() as conn:
-            return len(self._sequence(conn, wait=True))
-
-    def _sequence(self, conn: Connection, *, wait: bool) -> dict[int, int]:
-        if not self._lock_sequencer(conn, wait=wait):
-            return {}
-        if not self._sqlite:
-            return self._sequence_all(conn)
-        pending = list(
-            conn.execute(select(t.event_pending.c.row_id).order_by(t.event_pending.c.row_id))
-            .scalars()
-            .all()
-        )
-        if not pending:
-            return {}
-        top = conn.scalar(select(func.coalesce(func.max(t.event_log.c.position), 0)))
-        numbered = {row_id: int(top or 0) + i for i, row_id in enumerate(pending, start=1)}
-        conn.execute(
-            insert(t.event_log), [{"position": p, "row_id": r} for r, p in numbered.items()]
-        )
-        for chunk in _chunks(pending, 500):
-            conn.execute(delete(t.event_pending).where(t.event_pending.c.row_id.in_(chunk)))
-        return numbered
+            conn.execute(text(f"SELECT pg_advisory_xact_lock({_SEQUENCER_KEY})"))
+            return len(self._sequence_all(conn))
 
     def _sequence_all(self, conn: Connection) -> dict[int, int]:
         """Number every pending row this statement can see (the caller holds the lock).
@@ -345,15 +330,6 @@ class SqlEventStore(EventStore):
         for row_id in own_rows:
             numbered[row_id] = int(conn.execute(_SQLITE_NUMBER, {"row_id": row_id}).scalar_one())
         return numbered
-
-    def _lock_sequencer(self, conn: Connection, *, wait: bool) -> bool:
-        if self._sqlite:
-            return True  # BEGIN IMMEDIATE already holds the database's write lock
-        key = f"hashtext('{_SEQUENCER}' || current_schema())"
-        if wait:
-            conn.execute(text(f"SELECT pg_advisory_xact_lock({key})"))
-            return True
-        return bool(conn.scalar(text(f"SELECT pg_try_advisory_xact_lock({key})")))
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -575,11 +551,6 @@ def _wire_from_row(row: Any) -> WireEvent:
 
 def _from_row(row: Row[Any] | Any) -> PatientEvent:
     return parse_event(_envelope_from_row(row._mapping))
-
-
-def _chunks(items: Sequence[int], size: int) -> Iterable[Sequence[int]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 class SqlCheckpoints(Checkpoints):
