@@ -9,9 +9,13 @@ from contextlib import contextmanager
 
 from sqlalchemy import Engine, text
 
+from continuum.adapters.memory import InMemoryEventStore
 from continuum.adapters.sql.database import create_database_engine
 from continuum.adapters.sql.migrate import upgrade
+from continuum.application.service import CommandContext, PatientService
 from continuum.domain import commands as c
+from continuum.domain.policy import PolicyRegistry
+from continuum_events import Actor, PatientEvent
 
 T0 = dt.datetime(2026, 1, 5, 9, 0, tzinfo=dt.UTC)
 
@@ -80,3 +84,28 @@ def fresh_pg_schema(
         with admin.begin() as conn:
             conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
+
+
+def scratch_patient(
+    policies: PolicyRegistry, attendances: int = 0, *, actor: Actor | None = None
+) -> list[PatientEvent]:
+    """Realistic events for one new patient, built by the service on a scratch store: an
+    admission and `attendances` attendance records, unpositioned, ready to append to a store
+    under test with `expected_version=0`."""
+    scratch = InMemoryEventStore()
+    service = PatientService(scratch, policies, clock=FixedClock())
+    ctx = CommandContext(actor=actor) if actor else CommandContext()
+    admission = c.Admit(
+        level="3.5",
+        site="site-a",
+        age_group="adult",
+        assessment=assessment("001040"),
+        occurred_at=day(0),
+    )
+    pk = service.handle(admission, ctx).stream_id
+    for i in range(attendances):
+        attendance = c.RecordAttendance(
+            patient_key=pk, service_date=day(i + 1).date(), hours=3, occurred_at=day(i + 1)
+        )
+        service.handle(attendance, ctx)
+    return [e.model_copy(update={"position": None}) for e in scratch.read_stream(pk)]

@@ -48,7 +48,7 @@ import warnings  # noqa: E402
 warnings.filterwarnings("ignore", r"(read|open)_text is deprecated", DeprecationWarning)
 
 from kafka import KafkaProducer  # noqa: E402
-from sqlalchemy import Engine, text  # noqa: E402
+from sqlalchemy import Engine  # noqa: E402
 
 from continuum.adapters.kafka.ingest import IngestStats, KafkaIngest, dlq_topic_for  # noqa: E402
 from continuum.adapters.sql.database import create_database_engine  # noqa: E402
@@ -68,6 +68,7 @@ from tests.kafka_broker import (  # noqa: E402
     provide_broker,
     unique_name,
 )
+from tests.support import fresh_pg_schema  # noqa: E402
 
 DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/continuum_test"
 T = dt.datetime(2026, 1, 5, 9, 0)
@@ -102,19 +103,8 @@ def scratch_store(backend: str, directory: Path, pg_url: str) -> Iterator[Engine
         finally:
             engine.dispose()
         return
-    schema = f"bench_{uuid.uuid4().hex[:12]}"
-    admin = create_database_engine(pg_url)
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    engine = create_database_engine(pg_url, schema=schema)
-    try:
-        upgrade(engine)
+    with fresh_pg_schema(pg_url, pool_size=10, prefix="bench") as engine:
         yield engine
-    finally:
-        engine.dispose()
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
 
 
 def produce(info: BrokerInfo, topic: str, messages: list[tuple[bytes, bytes]]) -> dict[int, int]:

@@ -13,14 +13,13 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
-from continuum.adapters.memory import InMemoryEventStore
 from continuum.application.ports import EventStore
-from continuum.application.service import CommandContext, PatientService, new_patient_key
+from continuum.application.service import new_patient_key
 from continuum.domain import commands as c
 from continuum.domain.errors import ConcurrencyConflict, Duplicate
 from continuum.domain.policy import PolicyRegistry
 from continuum_events import Actor, ActorRole, PatientEvent
-from tests.support import FixedClock, assessment, day
+from tests.support import scratch_patient
 
 IDENTITY = c.Identity(
     given_name="Zenobia",
@@ -42,28 +41,7 @@ def make_stream(policies: PolicyRegistry) -> MakeStream:
     """
 
     def make(attendances: int = 2, *, actor: Actor | None = None) -> list[PatientEvent]:
-        scratch = InMemoryEventStore()
-        service = PatientService(scratch, policies, clock=FixedClock())
-        ctx = CommandContext(actor=actor) if actor else CommandContext()
-        admitted = service.handle(
-            c.Admit(
-                level="3.5",
-                site="site-a",
-                age_group="adult",
-                assessment=assessment("001040"),
-                occurred_at=day(0),
-            ),
-            ctx,
-        )
-        pk = admitted.stream_id
-        for i in range(attendances):
-            service.handle(
-                c.RecordAttendance(
-                    patient_key=pk, service_date=day(i + 1).date(), hours=3, occurred_at=day(i + 1)
-                ),
-                ctx,
-            )
-        return [e.model_copy(update={"position": None}) for e in scratch.read_stream(pk)]
+        return scratch_patient(policies, attendances, actor=actor)
 
     return make
 

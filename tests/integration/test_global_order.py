@@ -23,14 +23,12 @@ from typing import Any
 import pytest
 from sqlalchemy import Connection, Engine, event, text
 
-from continuum.adapters.memory import InMemoryEventStore
 from continuum.adapters.sql.store import _SEQUENCER_KEY, SqlEventStore
 from continuum.application.ports import AppendResult
-from continuum.application.service import PatientService, new_patient_key
-from continuum.domain import commands as c
+from continuum.application.service import new_patient_key
 from continuum.domain.policy import PolicyRegistry
 from continuum_events import PatientEvent
-from tests.support import FixedClock, assessment, day
+from tests.support import scratch_patient
 
 pytestmark = pytest.mark.postgres
 
@@ -135,19 +133,7 @@ def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
 @pytest.fixture
 def template(policies: PolicyRegistry) -> list[PatientEvent]:
     """A real admission and attendance; copies of them fill the streams below."""
-    scratch = InMemoryEventStore()
-    service = PatientService(scratch, policies, clock=FixedClock())
-    pk = service.handle(
-        c.Admit(
-            level="3.5",
-            site="site-a",
-            age_group="adult",
-            assessment=assessment("001040"),
-            occurred_at=day(0),
-        )
-    ).stream_id
-    service.handle(c.RecordAttendance(patient_key=pk, service_date=day(1).date(), hours=3))
-    return [e.model_copy(update={"position": None}) for e in scratch.read_stream(pk)]
+    return scratch_patient(policies, 1)
 
 
 def events_for(

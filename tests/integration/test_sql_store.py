@@ -12,16 +12,15 @@ import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError
 
-from continuum.adapters.memory import InMemoryEventStore
 from continuum.adapters.sql.database import create_database_engine, normalize_url
 from continuum.adapters.sql.migrate import current_revision, ensure_ready, head_revision
 from continuum.adapters.sql.store import SqlEventStore
-from continuum.application.service import PatientService, new_patient_key
+from continuum.application.service import new_patient_key
 from continuum.domain import commands as c
 from continuum.domain.errors import InvalidInput, StoreNotReady
 from continuum.domain.policy import PolicyRegistry
 from continuum_events import PatientEvent
-from tests.support import FixedClock, assessment, day, fresh_pg_schema
+from tests.support import fresh_pg_schema, scratch_patient
 
 BIRTH_DATE = dt.date(1964, 11, 30)
 
@@ -37,24 +36,7 @@ def engine(request: pytest.FixtureRequest) -> Engine:
 
 
 def admitted_patient(policies: PolicyRegistry, attendances: int = 1) -> list[PatientEvent]:
-    scratch = InMemoryEventStore()
-    service = PatientService(scratch, policies, clock=FixedClock())
-    identity = c.Identity(
-        given_name="Octavia", family_name="Brightwater", birth_date=BIRTH_DATE, mrn="MRN-424242"
-    )
-    pk = service.handle(
-        c.Admit(
-            level="3.5",
-            site="site-a",
-            age_group="adult",
-            assessment=assessment("001040"),
-            occurred_at=day(0),
-            identity=identity,
-        )
-    ).stream_id
-    for i in range(attendances):
-        service.handle(c.RecordAttendance(patient_key=pk, service_date=day(i + 1).date(), hours=3))
-    return [e.model_copy(update={"position": None}) for e in scratch.read_stream(pk)]
+    return scratch_patient(policies, attendances)
 
 
 def snapshot(engine: Engine, table: str) -> list[tuple[object, ...]]:
