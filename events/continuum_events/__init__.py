@@ -13,6 +13,14 @@ from continuum_events.codes import (
     VarianceReason,
     VoidReason,
 )
+from continuum_events.consent import (
+    CONSENT_EVENTS,
+    ConsentGiven,
+    ConsentGivenData,
+    ConsentPurpose,
+    ConsentRevoked,
+    ConsentRevokedData,
+)
 from continuum_events.envelope import Actor, EventEnvelope, PolicyRef
 from continuum_events.patient import (
     STATE_CHANGING_EVENTS,
@@ -37,6 +45,7 @@ from continuum_events.registry import EVENT_TYPES, PatientEvent, parse_event, pa
 from continuum_events.wire import canonical_json
 
 __all__ = [
+    "CONSENT_EVENTS",
     "EVENT_TYPES",
     "STATE_CHANGING_EVENTS",
     "Actor",
@@ -45,6 +54,11 @@ __all__ = [
     "Assessment",
     "AttendanceRecorded",
     "AttendanceRecordedData",
+    "ConsentGiven",
+    "ConsentGivenData",
+    "ConsentPurpose",
+    "ConsentRevoked",
+    "ConsentRevokedData",
     "Direction",
     "DischargeReason",
     "Disposition",

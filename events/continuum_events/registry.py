@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from pydantic import Field, TypeAdapter
 
+from continuum_events.consent import ConsentGiven, ConsentRevoked
 from continuum_events.patient import (
     AttendanceRecorded,
     EventVoided,
@@ -24,7 +25,9 @@ PatientEvent = Annotated[
     | LevelTransitioned
     | AttendanceRecorded
     | PatientDischarged
-    | EventVoided,
+    | EventVoided
+    | ConsentGiven
+    | ConsentRevoked,
     Field(discriminator="event_type"),
 ]
 
@@ -36,6 +39,8 @@ EVENT_TYPES: tuple[type[Any], ...] = (
     AttendanceRecorded,
     PatientDischarged,
     EventVoided,
+    ConsentGiven,
+    ConsentRevoked,
 )
 
 _ADAPTER: TypeAdapter[PatientEvent] = TypeAdapter(PatientEvent)

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 from continuum_events import (
     AttendanceRecorded,
+    ConsentGiven,
+    ConsentRevoked,
     EventVoided,
     LevelTransitioned,
     PatientAdmitted,
@@ -59,6 +61,20 @@ def summarize(event: PatientEvent) -> str:
         case EventVoided():
             void = event.data
             return f"voided {void.voided_event_type} {void.voided_event_id} ({void.reason.value})"
+        case ConsentGiven():
+            consent = event.data
+            until = f" until {consent.expires_on}" if consent.expires_on else ""
+            return (
+                f"consent {consent.consent_id} given on {consent.given_on} to "
+                f"{consent.recipient_org} for {', '.join(p.value for p in consent.purposes)}"
+                f"{until} (form {consent.document_ref})"
+            )
+        case ConsentRevoked():
+            revoked = event.data
+            return (
+                f"consent {revoked.consent_id} to {revoked.recipient_org} revoked on "
+                f"{revoked.revoked_on}"
+            )
     return event.event_type  # pragma: no cover - every type is matched above
 
 

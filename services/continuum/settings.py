@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from platformdirs import user_data_dir
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -48,9 +49,68 @@ class Settings(BaseSettings):
     relay_poll_interval_ms: int = Field(
         default=200, ge=10, description="Polling interval where LISTEN/NOTIFY is unavailable."
     )
+    # -- projections ------------------------------------------------------------------------
+    read_model_url: str | None = Field(
+        default=None,
+        description="Database of the read models (census, audit trail, metrics); default: "
+        "the event store's database.",
+    )
+    capacity_file: Path | None = Field(
+        default=None, description="TOML of places per site and level, for census occupancy."
+    )
     adt_mapping: Path | None = Field(
         default=None, description="TOML file mapping hospital locations to levels."
     )
+    # -- HTTP API -----------------------------------------------------------------------------
+    api_host: str = Field(default="127.0.0.1", description="Address `continuum serve` binds.")
+    api_port: int = Field(default=8080, ge=1, le=65535)
+    api_workers: int = Field(default=1, ge=1, le=64)
+    api_max_body_bytes: int = Field(
+        default=65_536, ge=1_024, le=16_777_216, description="Larger request bodies get 413."
+    )
+    api_max_projection_lag: int = Field(
+        default=10_000, ge=0, description="Readiness fails when projections lag more events."
+    )
+    # -- authentication -----------------------------------------------------------------------
+    auth_mode: Literal["dev", "oidc"] = Field(
+        default="dev",
+        description="dev: the local development issuer (never in production); oidc: verify "
+        "tokens from CONTINUUM_AUTH_ISSUER.",
+    )
+    auth_issuer: str | None = Field(default=None, description="The OIDC issuer URL (iss).")
+    auth_audience: str = Field(default="care-continuum", min_length=1, max_length=200)
+    auth_jwks_url: str | None = Field(
+        default=None, description="The issuer's JWKS URL; discovered from the issuer if unset."
+    )
+    auth_leeway_seconds: int = Field(default=30, ge=0, le=300, description="Clock skew allowed.")
+    auth_role_claim: str = Field(default="role", min_length=1, max_length=100)
+    dev_issuer_key_file: Path | None = Field(
+        default=None, description="The development issuer's private key (created 0600)."
+    )
+    # -- disclosure ---------------------------------------------------------------------------
+    #: Each recipient organization's disclosure topic: "{org}" is replaced by its code
+    #: (docs/consent.md). `continuum disclose` uses the relay's batch size and poll interval.
+    disclosure_topic_pattern: str = Field(
+        default="continuum.disclosure.{org}.v1",
+        pattern=r"^[A-Za-z0-9._\-]*\{org\}[A-Za-z0-9._\-]*$",
+    )
+
+    @model_validator(mode="after")
+    def _issuer_for_oidc(self) -> Settings:
+        if self.auth_mode != "oidc":
+            return self
+        if not self.auth_issuer:
+            raise ValueError(
+                "CONTINUUM_AUTH_MODE=oidc needs CONTINUUM_AUTH_ISSUER (the issuer URL, e.g. "
+                "https://login.example.org/realms/care)"
+            )
+        from continuum.adapters.auth.tokens import insecure_url_problem
+
+        for name, url in (("ISSUER", self.auth_issuer), ("JWKS_URL", self.auth_jwks_url)):
+            problem = None if url is None else insecure_url_problem(url)
+            if problem is not None:
+                raise ValueError(f"CONTINUUM_AUTH_{name}: {problem}")
+        return self
 
     @field_validator("database_url")
     @classmethod

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from dataclasses import replace
 
-from continuum.application.ports import AppendResult, EventStore
+from continuum.application.disclosure import Disclosure, DisclosureConflict, DisclosureRecord
+from continuum.application.ports import AppendResult, EventStore, LogSeals, Seal, SealConflict
 from continuum.domain.commands import Identity
 from continuum.domain.errors import ConcurrencyConflict, Duplicate
 from continuum_events import PatientEvent
@@ -123,3 +125,85 @@ class InMemoryEventStore(EventStore):
 
     def stream_ids(self) -> list[str]:
         return sorted(self._streams)
+
+
+class InMemoryLogSeals(LogSeals):
+    """Seals kept in a dict: for unit tests of sealing and verification."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seals: dict[int, Seal] = {}
+
+    def last(self) -> Seal | None:
+        with self._lock:
+            return self._seals[max(self._seals)] if self._seals else None
+
+    def read(self, after: int = 0, limit: int = 1000) -> list[Seal]:
+        with self._lock:
+            positions = sorted(p for p in self._seals if p > after)[:limit]
+            return [self._seals[p] for p in positions]
+
+    def add(self, seals: Sequence[Seal]) -> None:
+        with self._lock:
+            taken = [s.position for s in seals if s.position in self._seals]
+            if taken or len({s.position for s in seals}) != len(seals):
+                raise SealConflict(f"positions already sealed: {taken}")
+            self._seals.update((s.position, s) for s in seals)
+
+
+class InMemoryDisclosureRecord(DisclosureRecord):
+    """The disclosure record and checkpoints in lists and a dict: for unit tests."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._rows: list[Disclosure] = []
+        self._checkpoints: dict[str, int] = {}
+
+    def record(
+        self, disclosures: Sequence[Disclosure], *, checkpoint: str, expected: int, position: int
+    ) -> None:
+        with self._lock:
+            current = self._checkpoints.get(checkpoint)
+            if (current if current is not None else 0) != expected:
+                raise DisclosureConflict(
+                    f"checkpoint {checkpoint} is at {current}, expected {expected}",
+                    checkpoint=checkpoint,
+                    expected=expected,
+                    actual=current,
+                )
+            taken = {(d.topic, d.partition, d.offset) for d in self._rows}
+            new = [(d.topic, d.partition, d.offset) for d in disclosures]
+            if len(set(new)) != len(new) or taken.intersection(new):
+                raise DisclosureConflict("a message is already recorded", checkpoint=checkpoint)
+            start = len(self._rows)
+            self._rows.extend(replace(d, id=start + i) for i, d in enumerate(disclosures, 1))
+            self._checkpoints[checkpoint] = position
+
+    def checkpoint(self, name: str) -> int:
+        with self._lock:
+            return self._checkpoints.get(name, 0)
+
+    def last_offsets(self, org: str, topic: str) -> dict[int, int]:
+        with self._lock:
+            offsets: dict[int, int] = {}
+            for d in self._rows:
+                if d.org == org and d.topic == topic:
+                    offsets[d.partition] = max(offsets.get(d.partition, -1), d.offset)
+            return offsets
+
+    def query(
+        self,
+        *,
+        org: str | None = None,
+        patient_key: str | None = None,
+        after_id: int = 0,
+        limit: int = 1000,
+    ) -> list[Disclosure]:
+        with self._lock:
+            return [
+                d
+                for d in self._rows
+                if (d.id or 0) > after_id
+                and (org is None or d.org == org)
+                and (patient_key is None or d.patient_key == patient_key)
+            ][:limit]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import datetime as dt
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -66,6 +67,11 @@ class EventStore(abc.ABC):
     def read_wire(self, after: int = 0, limit: int = 1000) -> list[WireEvent]:
         """Like `read_all`, in canonical wire form (stores may build it without validation)."""
         return [_wire(event) for event in self.read_all(after, limit)]
+
+    def read_bodies(self, after: int = 0, limit: int = 1000) -> list[tuple[int, str | bytes]]:
+        """(position, wire bytes) in position order. The bytes may carry `"position": null`:
+        the caller takes the position from the pair (the projections' fast path)."""
+        return [(w.position, w.value) for w in self.read_wire(after, limit)]
 
     def iter_wire(self, after: int = 0, batch: int = 1000) -> Iterator[WireEvent]:
         while page := self.read_wire(after, batch):
@@ -134,3 +140,82 @@ def _wire(event: PatientEvent) -> WireEvent:
         schema_version=event.schema_version,
         value=canonical_json(event),
     )
+
+
+@dataclass(frozen=True)
+class Seal:
+    """One link of the hash chain over the log (continuum_events.chain): the event sealed at
+    `position` and `chain_hash(hash at position - 1, position, its wire bytes)`."""
+
+    position: int
+    event_id: str
+    hash: str
+
+
+class SealConflict(Exception):
+    """Another sealer already wrote a seal at one of these positions; nothing was written."""
+
+
+class LogSeals(abc.ABC):
+    """The sealed hash chain, insert-only (a row is never updated or deleted)."""
+
+    @abc.abstractmethod
+    def last(self) -> Seal | None:
+        """The seal at the highest position, or None if nothing is sealed yet."""
+
+    @abc.abstractmethod
+    def read(self, after: int = 0, limit: int = 1000) -> list[Seal]:
+        """Seals with position > `after`, in position order, at most `limit`."""
+
+    @abc.abstractmethod
+    def add(self, seals: Sequence[Seal]) -> None:
+        """Write `seals` in one transaction: all or none. Raises `SealConflict` if any of
+        their positions is already sealed."""
+
+    def iter_seals(self, after: int = 0, batch: int = 1000) -> Iterator[Seal]:
+        while page := self.read(after, batch):
+            yield from page
+            after = page[-1].position
+
+
+@dataclass(frozen=True)
+class AccessEntry:
+    """One access to patient-level data: who, as what role, through which channel, did what
+    to which patient or resource, when, for what purpose, and whether it was allowed."""
+
+    at: dt.datetime
+    subject: str
+    role: str
+    channel: str
+    action: str
+    resource: str
+    purpose: str
+    outcome: str
+    patient_key: str | None = None
+    token_id: str | None = None
+    request_id: str | None = None
+    #: How many records the access returned (a list, an export), when it is known.
+    records: int | None = None
+    #: Assigned by the log on insert.
+    id: int | None = None
+
+
+class AccessLog(abc.ABC):
+    """The access log, insert-only: the application can add to it, never change it."""
+
+    @abc.abstractmethod
+    def record(self, entry: AccessEntry) -> None:
+        """Append one entry; it is durable when this returns."""
+
+    @abc.abstractmethod
+    def query(
+        self,
+        *,
+        patient_key: str | None = None,
+        subject: str | None = None,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+        after_id: int = 0,
+        limit: int = 100,
+    ) -> list[AccessEntry]:
+        """Entries matching every filter given, oldest first, with id > `after_id`."""

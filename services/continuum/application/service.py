@@ -54,6 +54,8 @@ _DECIDERS: dict[
     c.RecordAttendance: p.decide_attendance,
     c.Discharge: p.decide_discharge,
     c.VoidEvent: p.decide_void,
+    c.GiveConsent: p.decide_give_consent,
+    c.RevokeConsent: p.decide_revoke_consent,
 }
 
 

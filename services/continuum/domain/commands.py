@@ -21,9 +21,14 @@ from continuum_events.codes import (
     VarianceReason,
     VoidReason,
 )
+from continuum_events.consent import ConsentPurpose
 
+#: A person's name: letters of any script, with spaces, apostrophes, hyphens and periods
+#: between them ("O'Brien", "Anne-Marie", "J. R."). Digits, quotes, brackets, semicolons and
+#: control characters are refused: a name field is never a place for code or narrative.
 PersonName = Annotated[
-    str, StringConstraints(pattern=r"^[^\x00-\x1f<>{}]{1,100}$", strip_whitespace=True)
+    str,
+    StringConstraints(pattern=r"^[^\W\d_](?:[^\W\d_]|[ '\u2019.\-]){0,99}$", strip_whitespace=True),
 ]
 Mrn = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9\-]{1,32}$")]
 
@@ -120,6 +125,39 @@ class VoidEvent(_Command):
     occurred_at: AwareDatetime | None = None
 
 
+class GiveConsent(_Command):
+    """Record a patient's signed consent to disclose their records to one organization."""
+
+    patient_key: PatientKey
+    consent_id: Code
+    #: Checked by the domain (rule consent.org_malformed), which says what a code looks like.
+    recipient_org: str
+    purposes: list[ConsentPurpose]
+    #: Default: the service's date (UTC).
+    given_on: dt.date | None = None
+    expires_on: dt.date | None = None
+    document_ref: Code
+    occurred_at: AwareDatetime | None = None
+
+
+class RevokeConsent(_Command):
+    """Record that the patient revoked a consent; disclosure under it stops from here on."""
+
+    patient_key: PatientKey
+    consent_id: Code
+    #: Default: the service's date (UTC).
+    revoked_on: dt.date | None = None
+    occurred_at: AwareDatetime | None = None
+
+
 Command = (
-    Admit | Readmit | RecordReassessment | Transition | RecordAttendance | Discharge | VoidEvent
+    Admit
+    | Readmit
+    | RecordReassessment
+    | Transition
+    | RecordAttendance
+    | Discharge
+    | VoidEvent
+    | GiveConsent
+    | RevokeConsent
 )

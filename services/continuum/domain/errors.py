@@ -16,9 +16,11 @@
     ├── NotFound
     │   ├── UnknownPatient
     │   ├── UnknownEvent
-    │   └── UnknownPolicy
+    │   ├── UnknownPolicy
+    │   └── UnknownConsent             no consent with that id on the patient's record
     ├── ConcurrencyConflict            expected stream version differs from the actual one
-    ├── Duplicate                      already done: event voided twice, MRN registered, ...
+    ├── Duplicate                      already done: event voided twice, MRN registered,
+    │                                  consent id used, consent revoked twice, ...
     ├── PolicyInvalid                  a policy document fails validation on load
     └── StoreNotReady                  the database schema is missing or behind: run a migration
 
@@ -144,6 +146,10 @@ class UnknownEvent(NotFound):
 
 class UnknownPolicy(NotFound):
     rule = "policy.unknown"
+
+
+class UnknownConsent(NotFound):
+    rule = "consent.unknown"
 
 
 class ConcurrencyConflict(ContinuumError):

@@ -9,6 +9,7 @@ and return the events to record, or raise a specific `ContinuumError`.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from uuid import UUID, uuid4
@@ -25,6 +26,7 @@ from continuum.domain.errors import (
     ReassessmentMissing,
     ReassessmentStale,
     TransitionNotAllowed,
+    UnknownConsent,
     UnknownEvent,
     UnknownPatient,
     VarianceReasonRequired,
@@ -32,11 +34,17 @@ from continuum.domain.errors import (
 from continuum.domain.machine import NEW, PolicyMachine, machine_for
 from continuum.domain.policy import Policy, PolicyRegistry
 from continuum_events import (
+    CONSENT_EVENTS,
     STATE_CHANGING_EVENTS,
     AgeGroup,
     Assessment,
     AttendanceRecorded,
     AttendanceRecordedData,
+    ConsentGiven,
+    ConsentGivenData,
+    ConsentPurpose,
+    ConsentRevoked,
+    ConsentRevokedData,
     Direction,
     DischargeReason,
     Disposition,
@@ -57,6 +65,7 @@ from continuum_events import (
     ReassessmentRecorded,
     ReassessmentRecordedData,
 )
+from continuum_events.consent import ORG_CODE_PATTERN
 
 #: Clinical times may run this far ahead of the service clock (device clocks drift).
 CLOCK_SKEW = dt.timedelta(minutes=5)
@@ -100,6 +109,29 @@ class PlacementChange:
     before: Snapshot
 
 
+@dataclass(frozen=True)
+class Consent:
+    """One consent on the patient's record, as the log says (revocation included)."""
+
+    consent_id: str
+    recipient_org: str
+    purposes: tuple[ConsentPurpose, ...]
+    given_on: dt.date
+    expires_on: dt.date | None
+    document_ref: str
+    event_id: UUID
+    revoked_on: dt.date | None = None
+    revoked_by: UUID | None = None
+
+    def status(self, on: dt.date) -> str:
+        """ "revoked", "expired" (after its expires_on) or "active", as of the date `on`."""
+        if self.revoked_by is not None:
+            return "revoked"
+        if self.expires_on is not None and on > self.expires_on:
+            return "expired"
+        return "active"
+
+
 @dataclass
 class PatientState:
     """Everything the rules need about one patient, and nothing else."""
@@ -116,6 +148,8 @@ class PatientState:
     changes: list[PlacementChange] = field(default_factory=list)
     event_types: dict[UUID, str] = field(default_factory=dict)
     voided: set[UUID] = field(default_factory=set)
+    #: Every consent the patient gave, by consent id, in the order given.
+    consents: dict[str, Consent] = field(default_factory=dict)
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -196,6 +230,23 @@ class PatientState:
                 )
             case AttendanceRecorded():
                 pass
+            case ConsentGiven():
+                given = event.data
+                self.consents[given.consent_id] = Consent(
+                    consent_id=given.consent_id,
+                    recipient_org=given.recipient_org,
+                    purposes=tuple(given.purposes),
+                    given_on=given.given_on,
+                    expires_on=given.expires_on,
+                    document_ref=given.document_ref,
+                    event_id=event.event_id,
+                )
+            case ConsentRevoked():
+                known = self.consents.get(event.data.consent_id)
+                if known is not None:
+                    self.consents[known.consent_id] = replace(
+                        known, revoked_on=event.data.revoked_on, revoked_by=event.event_id
+                    )
             case EventVoided():
                 self._apply_void(event.data.voided_event_id, policies)
 
@@ -718,6 +769,14 @@ def decide_void(
             rule="void.of_void",
             field="event_id",
         )
+    if target_type in CONSENT_EVENTS:
+        raise InvalidStateForCommand(
+            "a consent is ended by revoking it, never voided: what was disclosed under it "
+            "stays accounted for",
+            rule="void.consent_event",
+            field="event_id",
+            event_id=str(cmd.event_id),
+        )
     if target_type in STATE_CHANGING_EVENTS:
         latest = state.changes[-1].event_id if state.changes else None
         if latest != cmd.event_id:
@@ -736,6 +795,119 @@ def decide_void(
     return [Decision(EventVoided, data, when, None)]
 
 
+# -- consent -------------------------------------------------------------------------------
+
+_ORG_CODE = re.compile(ORG_CODE_PATTERN)
+
+
+def check_org_code(org: str) -> None:
+    """Raise InvalidInput (rule consent.org_malformed) unless `org` is a recipient org code."""
+    if not _ORG_CODE.fullmatch(org):
+        shown = org if len(org) <= 70 else org[:67] + "..."
+        raise InvalidInput(
+            f"recipient organization code {shown!r} is malformed: use lowercase letters, digits "
+            "and inner hyphens, at most 63 characters (e.g. hie-north); the code names the "
+            "organization's disclosure topic",
+            rule="consent.org_malformed",
+            field="recipient_org",
+        )
+
+
+def decide_give_consent(
+    state: PatientState, cmd: c.GiveConsent, policy: Policy, now: dt.datetime
+) -> list[Decision]:
+    """A consent may be given in any state, a discharged patient's included: it governs the
+    disclosure of the record, not the care."""
+    _require_exists(state)
+    check_org_code(cmd.recipient_org)
+    when = _clinical_time(cmd.occurred_at, now, not_before=None, what="")
+    if cmd.consent_id in state.consents:
+        raise Duplicate(
+            f"patient {state.stream_id} already has a consent {cmd.consent_id}: consent ids "
+            "are never reused",
+            rule="consent.id_used",
+            field="consent_id",
+            consent_id=cmd.consent_id,
+        )
+    if not cmd.purposes:
+        raise InvalidInput(
+            "a consent names at least one purpose: "
+            + ", ".join(purpose.value for purpose in ConsentPurpose),
+            rule="consent.no_purpose",
+            field="purposes",
+        )
+    today = (now + CLOCK_SKEW).date()
+    given_on = cmd.given_on or now.date()
+    if given_on > today:
+        raise InvalidClinicalTime(
+            f"given_on {given_on} is in the future (service date {now.date()})",
+            rule="consent.given_in_future",
+            field="given_on",
+            given_on=str(given_on),
+        )
+    if cmd.expires_on is not None and cmd.expires_on < given_on:
+        raise InvalidInput(
+            f"expires_on {cmd.expires_on} is before given_on {given_on}",
+            rule="consent.expires_before_given",
+            field="expires_on",
+            given_on=str(given_on),
+            expires_on=str(cmd.expires_on),
+        )
+    data = ConsentGivenData(
+        consent_id=cmd.consent_id,
+        recipient_org=cmd.recipient_org,
+        purposes=[purpose for purpose in ConsentPurpose if purpose in cmd.purposes],
+        given_on=given_on,
+        expires_on=cmd.expires_on,
+        document_ref=cmd.document_ref,
+    )
+    return [Decision(ConsentGiven, data, when, None)]
+
+
+def decide_revoke_consent(
+    state: PatientState, cmd: c.RevokeConsent, policy: Policy, now: dt.datetime
+) -> list[Decision]:
+    _require_exists(state)
+    when = _clinical_time(cmd.occurred_at, now, not_before=None, what="")
+    consent = state.consents.get(cmd.consent_id)
+    if consent is None:
+        raise UnknownConsent(
+            f"patient {state.stream_id} has no consent {cmd.consent_id}",
+            field="consent_id",
+            consent_id=cmd.consent_id,
+        )
+    if consent.revoked_by is not None:
+        raise Duplicate(
+            f"consent {cmd.consent_id} was already revoked on {consent.revoked_on}",
+            rule="consent.already_revoked",
+            field="consent_id",
+            consent_id=cmd.consent_id,
+            revoked_on=str(consent.revoked_on),
+        )
+    revoked_on = cmd.revoked_on or now.date()
+    if revoked_on > (now + CLOCK_SKEW).date():
+        raise InvalidClinicalTime(
+            f"revoked_on {revoked_on} is in the future (service date {now.date()})",
+            rule="consent.revoked_in_future",
+            field="revoked_on",
+            revoked_on=str(revoked_on),
+        )
+    if revoked_on < consent.given_on:
+        raise InvalidClinicalTime(
+            f"revoked_on {revoked_on} is before the consent was given on {consent.given_on}",
+            rule="consent.revoked_before_given",
+            field="revoked_on",
+            revoked_on=str(revoked_on),
+            given_on=str(consent.given_on),
+        )
+    data = ConsentRevokedData(
+        consent_id=consent.consent_id,
+        recipient_org=consent.recipient_org,
+        revoked_on=revoked_on,
+    )
+    return [Decision(ConsentRevoked, data, when, None)]
+
+
 def new_state_after(state: PatientState, events: Iterable[PatientEvent]) -> PatientState:
     """A copy of `state` with `events` applied (the live path after an append)."""
     copy = replace(
@@ -745,6 +917,7 @@ def new_state_after(state: PatientState, events: Iterable[PatientEvent]) -> Pati
         changes=list(state.changes),
         event_types=dict(state.event_types),
         voided=set(state.voided),
+        consents=dict(state.consents),
     )
     for event in events:
         copy.apply(event)

@@ -20,7 +20,6 @@ from typing import Annotated, Any, NoReturn, TypeVar
 import typer
 from pydantic import ValidationError
 from rich.console import Console
-from rich.table import Table
 from sqlalchemy.exc import OperationalError
 
 from continuum.adapters.kafka.errors import BrokerUnavailable, TopicProblem
@@ -29,7 +28,19 @@ from continuum.application.service import CommandContext
 from continuum.bootstrap import App, bootstrap
 from continuum.domain import commands as c
 from continuum.domain import errors as e
+from continuum.entrypoints.consent_cli import register as register_consent
 from continuum.entrypoints.ingest_cli import ingest
+from continuum.entrypoints.projections_cli import (
+    audit_app,
+    census,
+    metrics,
+    project,
+    projection_check,
+    replay,
+)
+from continuum.entrypoints.serve_cli import serve
+from continuum.entrypoints.token_cli import token_app
+from continuum.entrypoints.verify_cli import EXTRA_CHECKS, seal, verify
 from continuum.settings import Settings
 from continuum_events import Actor
 
@@ -114,6 +125,45 @@ def _app() -> Iterator[App]:
             yield application
         finally:
             application.close()
+
+
+def record_access(
+    application: App,
+    action: str,
+    resource: str,
+    *,
+    patient_key: str | None = None,
+    records: int | None = None,
+) -> None:
+    """Record a CLI read of patient-level data in the access log (as the HTTP API does):
+    the operator is CONTINUUM_ACTOR_ID with CONTINUUM_ACTOR_ROLE."""
+    import datetime as dt
+
+    from continuum.adapters.sql.access_log import SqlAccessLog
+    from continuum.application.access import DEFAULT_PURPOSE, PurposeOfUse, Role
+    from continuum.application.ports import AccessEntry
+
+    settings = application.settings
+    role = settings.actor_role
+    purpose = (
+        DEFAULT_PURPOSE.get(Role(role), PurposeOfUse.HOPERAT)
+        if role in set(Role)
+        else (PurposeOfUse.HOPERAT)
+    )
+    SqlAccessLog(application.engine).record(
+        AccessEntry(
+            at=dt.datetime.now(dt.UTC),
+            subject=settings.actor_id,
+            role=role,
+            channel="cli",
+            action=action,
+            resource=resource[:256],
+            purpose=purpose.value,
+            outcome="allowed",
+            patient_key=patient_key,
+            records=records,
+        )
+    )
 
 
 def _context(application: App, actor: str | None, idempotency_key: str | None) -> CommandContext:
@@ -534,6 +584,13 @@ def history(patient: Patient, fmt: Format = OutputFormat.TEXT) -> None:
     with _app() as application, _errors():
         application.store.sequence()
         events = application.service.history(patient)
+        record_access(
+            application,
+            "patient.timeline",
+            f"history {patient}",
+            patient_key=patient,
+            records=len(events),
+        )
         if fmt is OutputFormat.JSON:
             out.print_json(json.dumps([ev.to_json_dict() for ev in events]))
             return
@@ -541,30 +598,6 @@ def history(patient: Patient, fmt: Format = OutputFormat.TEXT) -> None:
         out.print(f"patient {patient}: {state.state}" + (f" at {state.site}" if state.site else ""))
         for line in render(events):
             out.print(line, markup=False)
-
-
-@app.command()
-def census(fmt: Format = OutputFormat.TEXT) -> None:
-    """Active patients by level (and site), folded from the whole log."""
-    from continuum_projections.census import CensusProjection
-
-    with _app() as application, _errors():
-        projection = CensusProjection(application.policies)
-        projection.apply_all(application.store.iter_all())
-        level_order = [level.code for level in application.policies.default.levels]
-        snapshot = projection.snapshot(dt.datetime.now(dt.UTC), level_order)
-        if fmt is OutputFormat.JSON:
-            out.print_json(json.dumps(snapshot.to_json_dict()))
-            return
-        table = Table(title=f"Census as of {snapshot.as_of:%Y-%m-%d %H:%M} UTC")
-        table.add_column("level")
-        table.add_column("name")
-        table.add_column("patients", justify="right")
-        names = {level.code: level.name for level in application.policies.default.levels}
-        for code, count in snapshot.levels.items():
-            table.add_row(code, names.get(code, ""), str(count))
-        table.add_row("", "total", str(snapshot.total), style="bold")
-        out.print(table)
 
 
 @log_app.command("export")
@@ -577,10 +610,20 @@ def log_export(
     """Every event in global order as JSON lines: the canonical wire form, byte for byte what
     the relay publishes (the auditors' export)."""
     with _app() as application, _errors():
+        application.store.sequence()
+        head = application.store.head_position()
+        record_access(
+            application,
+            "log.export",
+            f"log export --after {after} (through {head})",
+            records=max(0, head - after),
+        )
         target = output.open("wb") if output else sys.stdout.buffer
         count = 0
         try:
             for event in application.store.iter_wire(after, batch=5_000):
+                if event.position > head:
+                    break
                 target.write(event.value + b"\n")
                 count += 1
         finally:
@@ -670,7 +713,7 @@ def simulate(
             )
         for line in report.summary_lines():
             out.print(line, markup=False)
-    census(OutputFormat.TEXT)
+    census()
 
 
 @app.command()
@@ -763,6 +806,17 @@ def relay(
 
 
 app.command()(ingest)
+app.command()(seal)
+app.command()(verify)
+EXTRA_CHECKS.append(projection_check)
+app.command()(census)
+app.command()(metrics)
+app.command()(project)
+app.command()(serve)
+app.command()(replay)
+app.add_typer(audit_app, name="audit")
+app.add_typer(token_app, name="token")
+register_consent(app)
 
 
 def _level_of(result: AppendResult) -> str:

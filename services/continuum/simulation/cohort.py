@@ -13,6 +13,11 @@ Latent risk per ASAM dimension drifts down as treatment works, with relapses tha
 each reassessment rates it, the policy's placement rule indicates a level, and the patient is
 moved there (sometimes with a variance: no slot, patient preference). Every episode has an
 outcome drawn at admission from the TEDS 2006 national discharge mix (DOMAIN.md section 6).
+
+Some patients consent to disclose their record to an organization (a health information
+exchange, a payer, a recovery community organization), a few revoke it later. Those draws come
+from a random stream of their own, so the journeys (and every figure about them) are the same
+as without consents.
 """
 
 from __future__ import annotations
@@ -31,7 +36,14 @@ from continuum.application.service import CommandContext, PatientService, new_pa
 from continuum.domain import commands as c
 from continuum.domain.errors import ContinuumError
 from continuum.domain.policy import Policy
-from continuum_events import Actor, ActorRole, DischargeReason, Disposition, VarianceReason
+from continuum_events import (
+    Actor,
+    ActorRole,
+    ConsentPurpose,
+    DischargeReason,
+    Disposition,
+    VarianceReason,
+)
 
 #: TEDS 2006 discharge mix (completed 47, transferred 13, dropped out 25, terminated 8,
 #: incarcerated 2, other 5; death is counted within "other").
@@ -74,7 +86,14 @@ ENTRY_PROFILES: list[tuple[float, list[float]]] = [
     (0.10, [0.2, 0.2, 0.5, 1.0, 1.2, 0.8]),  # outpatient
 ]
 SITES = ["site-north", "site-south", "site-east"]
+#: After a refused move: the reassessment, then the move this long after it.
+FIX_TO_MOVE = dt.timedelta(minutes=30)
 CASE_MANAGERS = [f"sim-cm-{i:02d}" for i in range(1, 9)]
+#: Organizations patients consent to disclose to (synthetic codes).
+CONSENT_ORGS = ["hie-north", "payer-a", "recovery-south"]
+#: Share of patients who give a consent, and of those consents later revoked.
+CONSENT_SHARE = 0.35
+REVOKED_SHARE = 0.15
 ASSESSORS = [f"sim-clin-{i:02d}" for i in range(1, 13)]
 
 
@@ -89,6 +108,7 @@ class SimulationReport:
     moves: Counter[str] = field(default_factory=Counter)
     discharges: Counter[str] = field(default_factory=Counter)
     readmissions: int = 0
+    consents: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
 
     def discharge_mix(self) -> dict[str, float]:
@@ -103,6 +123,7 @@ class SimulationReport:
             f"({rate:,.0f} commands/s)",
             "moves: " + ", ".join(f"{k} {v}" for k, v in sorted(self.moves.items())),
             f"readmissions: {self.readmissions}",
+            f"consents: given {self.consents['given']}, revoked {self.consents['revoked']}",
             "refused then fixed: "
             + (", ".join(f"{k} {v}" for k, v in sorted(self.refusals.items())) or "none"),
             "discharge mix: "
@@ -274,7 +295,9 @@ def _episode(  # noqa: PLR0915 - one journey reads best as one story
             p.report.refusals[result.rule] += 1
             # The case manager sees the refusal, reassesses, and moves the patient.
             fix_at = move_at + dt.timedelta(hours=rng.uniform(1, 6))
-            if fix_at >= min(exit_at, end):
+            # The fixed move follows the reassessment by 30 minutes: both must come before
+            # the discharge, or the journey would step back in time.
+            if fix_at + FIX_TO_MOVE >= min(exit_at, end):
                 break
             ratings = _ratings(p)
             fixed_target = policy.indicated_level(ratings)
@@ -290,7 +313,7 @@ def _episode(  # noqa: PLR0915 - one journey reads best as one story
                 _ctx(p),
             )
             last_step = fix_at
-            move_at = fix_at + dt.timedelta(minutes=30)
+            move_at = fix_at + FIX_TO_MOVE
             target, variance = fixed_target, None
             result = yield (
                 move_at,
@@ -349,6 +372,55 @@ def _journey(p: _Patient, start: dt.datetime, end: dt.datetime) -> Journey:
     yield from _episode(p, start, end, readmission=False)
 
 
+def _consent_journey(
+    rng: random.Random,
+    key: str,
+    actor: Actor,
+    report: SimulationReport,
+    when: dt.datetime,
+    end: dt.datetime,
+    number: int,
+) -> Journey:
+    """A consent to one organization some days after admission; now and then a revocation."""
+    org = rng.choice(CONSENT_ORGS)
+    purposes = [ConsentPurpose.TREATMENT, *rng.sample(list(ConsentPurpose)[1:], rng.randint(0, 2))]
+    expires = rng.random() < 0.3
+    revoke_at = when + dt.timedelta(days=rng.uniform(3, 60))
+    revoke = rng.random() < REVOKED_SHARE
+    consent_id = f"sim-consent-{number:06d}"
+    result = yield (
+        when,
+        c.GiveConsent(
+            patient_key=key,
+            consent_id=consent_id,
+            recipient_org=org,
+            purposes=purposes,
+            given_on=when.date(),
+            expires_on=(when + dt.timedelta(days=365)).date() if expires else None,
+            document_ref=f"sim-form-{number:06d}",
+            occurred_at=when,
+        ),
+        CommandContext(actor=actor),
+    )
+    if isinstance(result, ContinuumError):
+        return
+    report.consents["given"] += 1
+    if not revoke or revoke_at >= end:
+        return
+    result = yield (
+        revoke_at,
+        c.RevokeConsent(
+            patient_key=key,
+            consent_id=consent_id,
+            revoked_on=revoke_at.date(),
+            occurred_at=revoke_at,
+        ),
+        CommandContext(actor=actor),
+    )
+    if isinstance(result, AppendResult):
+        report.consents["revoked"] += 1
+
+
 def simulate_cohort(
     service: PatientService,
     *,
@@ -366,6 +438,7 @@ def simulate_cohort(
     report = SimulationReport(patients=patients, days=days, seed=seed)
     heap: list[tuple[dt.datetime, int, c.Command, CommandContext]] = []
     journeys: dict[int, Journey] = {}
+    consent_rng = random.Random(f"consents:{seed}")  # its own stream: journeys stay the same
     for n in range(patients):
         weights = [w for w, _ in ENTRY_PROFILES]
         profile = rng.choices([prof for _, prof in ENTRY_PROFILES], weights=weights)[0]
@@ -384,6 +457,21 @@ def simulate_cohort(
         first = next(journey, None)
         if first is not None:
             heapq.heappush(heap, (first[0], n, first[1], first[2]))
+        consents = consent_rng.random() < CONSENT_SHARE
+        given_at = arrival + dt.timedelta(hours=consent_rng.uniform(1, 24 * 10))
+        if consents and first is not None and given_at < end:
+            journey = _consent_journey(
+                random.Random(consent_rng.getrandbits(64)),
+                patient.key,
+                patient.actor,
+                report,
+                given_at,
+                end,
+                n,
+            )
+            journeys[patients + n] = journey
+            first = next(journey)
+            heapq.heappush(heap, (first[0], patients + n, first[1], first[2]))
     expected_total = max(len(heap) * 12, 1)
     began = time.perf_counter()
     while heap:

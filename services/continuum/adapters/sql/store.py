@@ -15,26 +15,40 @@ are ever numbered, and numbering is serialized by the lock, a position becomes v
 when every lower position already is: a reader tailing `event_log` cannot skip anything, and
 positions are dense (no gaps from rolled-back transactions).
 
-Who sequences: a writer tries the lock *without waiting* (`pg_try_advisory_xact_lock`) at the
-end of its own transaction and, if it gets it, numbers everything pending including its own
-rows, which then become visible atomically with its commit. A writer that finds the lock taken
-just commits. Readers (`read_all`, `sequence`) take the lock *waiting*, so whatever a writer
-left pending is numbered before anyone reads by position. Per-patient order holds because a
-stream's version k+1 is inserted only after version k committed, so k always gets the lower
-position.
+Who sequences: a writer tries the lock *without waiting* (`pg_try_advisory_xact_lock`), in a
+statement of its own at the start of its transaction. If it gets it, its append statement
+(whose snapshot is taken after the lock was got, so it sees the previous sequencer's commit)
+numbers everything pending together with its own rows, which then become visible atomically
+with its commit. A writer that finds the lock taken leaves its rows pending and commits.
+Readers (`read_all`, `sequence`) take the lock *waiting*, so whatever a writer left pending is
+numbered before anyone reads by position. Per-patient order holds because a stream's version
+k+1 is inserted only after version k committed, so k always gets the lower position.
 
 SQLite serializes writers itself (every write transaction begins IMMEDIATE), so there the
-lock is the database's own and the same code runs unchanged.
+writer holds the database's lock and numbers its own events at once: nothing is ever pending.
+
+Group commit: concurrent plain appends on one store share transactions (group_commit.py). A
+batch carries at most one request per stream, checks each request's expected version on its
+own and inserts only the requests that match, so each caller gets exactly its own result or
+its own ConcurrencyConflict, while one statement and one COMMIT (one WAL flush) serve them
+all. If a statement fails (nothing is then written), the requests are retried one by one, so
+that each caller gets its own exact error. Appends with an idempotency key or an identity run
+alone. The appends run on the driver's connection, inside a SQLAlchemy transaction (whose
+events still fire): SQLAlchemy's per-statement work cost more than the statements.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, cast
 
+import psycopg
 from sqlalchemy import (
     JSON,
     Connection,
@@ -48,10 +62,13 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.types import TypeEngine
 
 from continuum.adapters.sql import tables as t
 from continuum.adapters.sql.database import BEGIN_MODE, is_sqlite
+from continuum.adapters.sql.group_commit import GroupCommit
 from continuum.application.ports import AppendResult, Checkpoints, EventStore, WireEvent
 from continuum.domain.commands import Identity
 from continuum.domain.errors import ConcurrencyConflict, Duplicate
@@ -86,31 +103,9 @@ _COLUMNS = (
     "recorded_at, actor_id, actor_role, correlation_id, causation_id, policy_id, "
     "policy_version, data, body"
 )
-_VALUES = ", ".join(f":{name.strip()}" for name in _COLUMNS.split(","))
-_TYPED = (
-    bindparam("occurred_at", type_=DateTime(timezone=True)),
-    bindparam("recorded_at", type_=DateTime(timezone=True)),
-    bindparam("data", type_=t.Json),
-)
-#: The stream's current version from one index entry (a max() aggregate visits every entry).
-_LATEST_VERSION = (
-    "SELECT stream_version FROM events WHERE stream_id = :stream_id "
-    "ORDER BY stream_version DESC LIMIT 1"
-)
-#: Checks the stream version, inserts the event and its pending row, and tries the sequencer
-#: lock, in one round trip. No row comes back when the version guard fails.
-_PG_APPEND = text(
-    f"""
-    WITH guard AS (
-        SELECT 1 WHERE coalesce(({_LATEST_VERSION}), 0) = :expected
-    ), inserted AS (
-        INSERT INTO events ({_COLUMNS}) SELECT {_VALUES} FROM guard RETURNING row_id
-    )
-    INSERT INTO event_pending (row_id) SELECT row_id FROM inserted
-    RETURNING row_id, pg_try_advisory_xact_lock({_SEQUENCER_KEY})
-    """
-).bindparams(*_TYPED)
-#: Drains every visible pending row into the log, numbered after the current maximum.
+_COLUMN_NAMES = tuple(name.strip() for name in _COLUMNS.split(","))
+#: Drains every visible pending row into the log, numbered after the current maximum (readers
+#: run it after taking the sequencer lock, waiting).
 _PG_SEQUENCE = text(
     """
     WITH drained AS (DELETE FROM event_pending RETURNING row_id),
@@ -121,18 +116,113 @@ _PG_SEQUENCE = text(
     RETURNING position, row_id
     """
 )
-_SQLITE_APPEND = text(
-    f"""
-    INSERT INTO events ({_COLUMNS})
-    SELECT {_VALUES}
-    WHERE coalesce(({_LATEST_VERSION}), 0) = :expected
-    RETURNING row_id, 1
-    """
-).bindparams(*_TYPED)
-_SQLITE_NUMBER = text(
-    "INSERT INTO event_log (position, row_id) "
-    "SELECT coalesce(max(position), 0) + 1, :row_id FROM event_log RETURNING position"
+
+# PostgreSQL appends: a writer first tries the sequencer lock, without waiting, in a statement
+# of its own; then one statement appends a whole batch of requests (group commit), in one of
+# two forms chosen by that answer. With the lock, the append statement numbers the batch's
+# events together with every committed pending row (its snapshot is taken after the lock was
+# got, so it sees the previous sequencer's commit); without it, it leaves them pending.
+
+#: Also makes the server use the append statement's generic plan, prepared once per connection:
+#: with its parameters (and the custom plans they allow) it would plan afresh for every append,
+#: which costs more than executing it.
+_PG_TRY_LOCK = (
+    f"SELECT pg_try_advisory_xact_lock({_SEQUENCER_KEY}), "
+    "set_config('plan_cache_mode', 'force_generic_plan', true)"
 )
+
+#: Each event is sent as one parameter, its wire body (the canonical JSON, "position": null),
+#: and the server takes the columns from it: a parameter per column would cost more Python
+#: (dumping ~15 values per event) than the server spends extracting them.
+_FROM_BODY = {
+    "event_id": "b->>'event_id'",
+    "stream_id": "b->>'stream_id'",
+    "stream_version": "(b->>'stream_version')::int",
+    "event_type": "b->>'event_type'",
+    "schema_version": "(b->>'schema_version')::int",
+    "occurred_at": "(b->>'occurred_at')::timestamptz",
+    "recorded_at": "(b->>'recorded_at')::timestamptz",
+    "actor_id": "b->'actor'->>'id'",
+    "actor_role": "b->'actor'->>'role'",
+    "correlation_id": "b->>'correlation_id'",
+    "causation_id": "b->>'causation_id'",
+    "policy_id": "b->'policy'->>'id'",
+    "policy_version": "b->'policy'->>'version'",
+    "data": "b->'data'",
+    "body": "x.body",
+}
+#: Without the lock: the events wait in event_pending for the next sequencer.
+_PG_LEAVE_PENDING = """
+    pending AS (INSERT INTO event_pending (row_id) SELECT row_id FROM inserted)
+    SELECT request.actual, mine.row_ids, NULL::bigint[]
+    FROM request LEFT JOIN (
+        SELECT stream_id, array_agg(row_id ORDER BY stream_version) AS row_ids
+        FROM inserted GROUP BY stream_id
+    ) mine ON mine.stream_id = request.stream_id
+    ORDER BY request.n
+"""
+#: With the lock: the pending rows and the batch's own events are numbered in row_id order.
+#: The empty insert into event_pending fires its statement trigger (the NOTIFY relays wait on),
+#: as an append that leaves its events pending does.
+_PG_NUMBER_NOW = """
+    notify AS (INSERT INTO event_pending (row_id) SELECT row_id FROM inserted WHERE false),
+    drained AS (DELETE FROM event_pending RETURNING row_id),
+    numbered AS (
+        INSERT INTO event_log (position, row_id)
+        SELECT top.p + row_number() OVER (ORDER BY u.row_id), u.row_id
+        FROM (SELECT row_id FROM drained UNION ALL SELECT row_id FROM inserted) AS u,
+             (SELECT coalesce(max(position), 0) AS p FROM event_log) AS top
+        RETURNING position, row_id
+    )
+    SELECT request.actual, mine.row_ids, mine.positions
+    FROM request LEFT JOIN (
+        SELECT i.stream_id, array_agg(i.row_id ORDER BY i.stream_version) AS row_ids,
+               array_agg(n.position ORDER BY i.stream_version) AS positions
+        FROM inserted i JOIN numbered n ON n.row_id = i.row_id GROUP BY i.stream_id
+    ) mine ON mine.stream_id = request.stream_id
+    ORDER BY request.n
+"""
+
+
+@functools.lru_cache(maxsize=256)
+def _pg_batch_sql(shape: tuple[int, ...], number_now: bool) -> str:
+    """The append statement for requests carrying `shape[i]` events each (one per stream).
+
+    Each request's stream version is checked against its expected version, and only matching
+    requests' events are inserted. One row per request comes back: the version it saw, and
+    the row ids (and positions, if numbered) of its events, or nulls if the check failed.
+    Parameters are scalars, which psycopg dumps in C (an array parameter costs ~10 us of
+    Python each), so the text depends on the batch's shape; psycopg prepares each text on the
+    server once it is used repeatedly."""
+    requests = ", ".join(f"({n}, %s::text, %s::int)" for n in range(1, len(shape) + 1))
+    numbers = [n for n, count in enumerate(shape, start=1) for _ in range(count)]
+    rows = ", ".join(f"({n}, {o}, %s::text)" for o, n in enumerate(numbers, start=1))
+    return f"""
+    WITH request AS MATERIALIZED (
+        SELECT r.n, r.stream_id, r.expected, coalesce((
+            SELECT e.stream_version FROM events e WHERE e.stream_id = r.stream_id
+            ORDER BY e.stream_version DESC LIMIT 1), 0) AS actual
+        FROM (VALUES {requests}) AS r(n, stream_id, expected)
+    ), inserted AS (
+        INSERT INTO events ({", ".join(_FROM_BODY)})
+        SELECT {", ".join(_FROM_BODY.values())}
+        FROM (VALUES {rows}) AS x(n, ord, body)
+        JOIN request ON request.n = x.n AND request.actual = request.expected
+        CROSS JOIN LATERAL (SELECT x.body::jsonb AS b OFFSET 0) AS parsed
+        ORDER BY x.ord
+        RETURNING row_id, stream_id, stream_version
+    ), {_PG_NUMBER_NOW if number_now else _PG_LEAVE_PENDING}"""
+
+
+#: SQLite appends run on the driver's connection (qmark parameters), inside BEGIN IMMEDIATE:
+#: the writer holds the database's write lock, so it can read the stream's version and the
+#: top position, then insert and number its events, with no race.
+_SQLITE_VERSION = (
+    "SELECT stream_version FROM events WHERE stream_id = ? ORDER BY stream_version DESC LIMIT 1"
+)
+_SQLITE_TOP = "SELECT coalesce(max(position), 0) FROM event_log"
+_SQLITE_INSERT = f"INSERT INTO events ({_COLUMNS}) VALUES ({', '.join('?' * 15)})"
+_SQLITE_LOG = "INSERT INTO event_log (position, row_id) VALUES (?, ?)"
 _INSERT_IDEMPOTENCY = insert(t.idempotency_keys).values(
     key=bindparam("key"),
     request_hash=bindparam("request_hash"),
@@ -145,6 +235,12 @@ _READ_WIRE = text(
     """
     SELECT l.position, e.row_id, e.stream_id, e.event_id, e.event_type, e.schema_version, e.body
     FROM event_log l JOIN events e ON e.row_id = l.row_id
+    WHERE l.position > :after ORDER BY l.position LIMIT :limit
+    """
+)
+_READ_BODIES = text(
+    """
+    SELECT l.position, e.body FROM event_log l JOIN events e ON e.row_id = l.row_id
     WHERE l.position > :after ORDER BY l.position LIMIT :limit
     """
 )
@@ -169,16 +265,65 @@ def _sqlite_write_lock(engine: Engine) -> threading.Lock:
     return _SQLITE_WRITE_LOCKS.setdefault(key, threading.Lock())
 
 
+@dataclass(frozen=True, slots=True)
+class _Append:
+    """One plain append waiting for a group commit."""
+
+    stream_id: str
+    expected: int
+    events: tuple[PatientEvent, ...]
+    #: What is sent per event: on PostgreSQL its wire body (the server takes the columns from
+    #: it), on SQLite its column values, ready for the driver.
+    rows: list[Any]
+
+
+class _Failed(Exception):
+    """A batch's transaction failed: in a statement (rolled back, nothing written) or in
+    COMMIT (`committing`: the outcome is unknown)."""
+
+    def __init__(self, error: DBAPIError, *, committing: bool = False) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.committing = committing
+
+
+def _just(request: _Append) -> Callable[[], Sequence[_Append]]:
+    return lambda: [request]
+
+
+def _bind_processor(column_type: TypeEngine[Any], dialect: Dialect) -> Callable[[Any], Any]:
+    process = column_type.dialect_impl(dialect).bind_processor(dialect)
+    return process if process is not None else (lambda value: value)
+
+
+def _pg_batch_params(batch: Sequence[_Append]) -> list[Any]:
+    params: list[Any] = []
+    for request in batch:
+        params += (request.stream_id, request.expected)
+    for request in batch:
+        params += request.rows
+    return params
+
+
 class SqlEventStore(EventStore):
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, max_in_flight: int = 2, max_batch: int = 32) -> None:
         self.engine = engine
         self._sqlite = is_sqlite(engine)
-        self._append_sql = _SQLITE_APPEND if self._sqlite else _PG_APPEND
         # SQLite has one writer at a time anyway: queue this process's writers on a lock
         # rather than on SQLite's busy handler, which sleeps and backs off.
         self._write_queue: AbstractContextManager[Any] = (
             _sqlite_write_lock(engine) if self._sqlite else nullcontext()
         )
+        # Concurrent plain appends share transactions (group commit). SQLite runs one at a
+        # time anyway; on PostgreSQL, a second batch can run while one is stuck.
+        self._group: GroupCommit[_Append, AppendResult] = GroupCommit(
+            self._append_batch,
+            max_in_flight=1 if self._sqlite else max_in_flight,
+            max_batch=max_batch,
+        )
+        dialect = engine.dialect
+        self._to_datetime = _bind_processor(DateTime(timezone=True), dialect)
+        self._to_json = _bind_processor(t.Json, dialect)
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -207,7 +352,10 @@ class SqlEventStore(EventStore):
                 rule="event.duplicate_id",
                 field="event_id",
             )
-        rows = [_to_row(event) for event in events]
+        rows = [self._sqlite_row(e) for e in events] if self._sqlite else map(_body, events)
+        request = _Append(stream_id, expected_version, tuple(events), list(rows))
+        if idempotency_key is None and identity is None:
+            return self._group.submit(stream_id, request)
         try:
             with self._write_queue, self.engine.begin() as conn:
                 if idempotency_key is not None:
@@ -221,27 +369,16 @@ class SqlEventStore(EventStore):
                             "recorded_at": _utc(events[0].recorded_at),
                         },
                     )
-                own_rows: list[int] = []
-                locked = False
-                for offset, row in enumerate(rows):
-                    got = conn.execute(
-                        self._append_sql, {**row, "expected": expected_version + offset}
-                    ).first()
-                    if got is None:  # the guard saw another version: nothing was inserted
-                        actual = self._stream_version(conn, stream_id)
-                        raise ConcurrencyConflict(stream_id, expected_version, actual)
-                    own_rows.append(int(got[0]))
-                    locked = bool(got[1])
+                [outcome] = self._write(conn, _just(request))
+                if isinstance(outcome, ConcurrencyConflict):
+                    raise outcome
+                result = outcome
                 if identity is not None:
                     conn.execute(
                         insert(t.patient_identities).values(
                             patient_key=stream_id, **identity.model_dump()
                         )
                     )
-                if self._sqlite:
-                    numbered = self._number_directly(conn, own_rows)
-                else:
-                    numbered = self._sequence_all(conn) if locked else {}
         except ConcurrencyConflict:
             # A retry of an append that already succeeded finds its stream moved on.
             if idempotency_key is not None:
@@ -253,11 +390,179 @@ class SqlEventStore(EventStore):
             return self._explain_conflict(
                 exc, stream_id, expected_version, events, idempotency_key, request_hash, identity
             )
-        placed = tuple(
-            e.model_copy(update={"position": numbered[r]}) if r in numbered else e
-            for e, r in zip(events, own_rows, strict=True)
+        return result
+
+    def _write(
+        self, conn: Connection, take: Callable[[], Sequence[_Append]]
+    ) -> list[AppendResult | ConcurrencyConflict]:
+        write = self._sqlite_write if self._sqlite else self._pg_append
+        return write(conn, take)
+
+    def _sqlite_row(self, event: PatientEvent) -> tuple[Any, ...]:
+        """The column values of `event`, converted as SQLAlchemy's column types would."""
+        row = _to_row(event)
+        row["occurred_at"] = self._to_datetime(row["occurred_at"])
+        row["recorded_at"] = self._to_datetime(row["recorded_at"])
+        row["data"] = self._to_json(row["data"])
+        return tuple(row[c] for c in _COLUMN_NAMES)
+
+    def _sqlite_write(
+        self, conn: Connection, take: Callable[[], Sequence[_Append]]
+    ) -> list[AppendResult | ConcurrencyConflict]:
+        """SQLite: in `conn`'s transaction (BEGIN IMMEDIATE: the writer holds the database's
+        write lock, so nothing is ever pending), append a batch and number its events at once,
+        on the driver's connection."""
+        raw = cast("sqlite3.Connection", conn.connection.driver_connection)
+        sql = _SQLITE_TOP
+        results: list[AppendResult | ConcurrencyConflict] = []
+        try:
+            cursor = raw.cursor()
+            batch = take()
+            top = int(cursor.execute(_SQLITE_TOP).fetchone()[0])
+            for request in batch:
+                sql = _SQLITE_VERSION
+                found = cursor.execute(sql, (request.stream_id,)).fetchone()
+                actual = int(found[0]) if found else 0
+                if actual != request.expected:
+                    results.append(ConcurrencyConflict(request.stream_id, request.expected, actual))
+                    continue
+                placed = []
+                for event, values in zip(request.events, request.rows, strict=True):
+                    sql = _SQLITE_INSERT
+                    row_id = cursor.execute(sql, values).lastrowid
+                    top += 1
+                    sql = _SQLITE_LOG
+                    cursor.execute(sql, (top, row_id))
+                    placed.append(event.model_copy(update={"position": top}))
+                results.append(
+                    AppendResult(request.stream_id, placed[-1].stream_version, tuple(placed))
+                )
+        except sqlite3.Error as exc:
+            raise self._wrap(exc, sql, False) from exc
+        return results
+
+    def _pg_append(
+        self, conn: Connection, take: Callable[[], Sequence[_Append]]
+    ) -> list[AppendResult | ConcurrencyConflict]:
+        """PostgreSQL: in `conn`'s transaction, try the sequencer lock, then `take()` a batch
+        (one request per stream) and append it in one statement. Both statements go to the
+        driver's connection directly: SQLAlchemy's per-statement work would cost more than
+        the statements. A request whose expected version is stale gets its ConcurrencyConflict
+        and inserts nothing. A failed statement raises SQLAlchemy's error for it."""
+        raw = cast("psycopg.Connection[Any]", conn.connection.driver_connection)
+        sql = _PG_TRY_LOCK
+        try:
+            cursor = raw.cursor()
+            row = cursor.execute(_PG_TRY_LOCK).fetchone()
+            batch = take()
+            if not batch:  # another batch took them all
+                return []
+            sql = _pg_batch_sql(tuple(len(r.rows) for r in batch), bool(row and row[0]))
+            outcomes = cursor.execute(sql, _pg_batch_params(batch)).fetchall()
+        except psycopg.Error as exc:
+            dead = raw.broken or raw.closed
+            if dead:
+                conn.invalidate(exc)
+            raise self._wrap(exc, sql, dead) from exc
+        results: list[AppendResult | ConcurrencyConflict] = []
+        for request, (actual, row_ids, positions) in zip(batch, outcomes, strict=True):
+            if row_ids is None:
+                results.append(ConcurrencyConflict(request.stream_id, request.expected, actual))
+            elif positions is None:
+                version = request.events[-1].stream_version
+                results.append(AppendResult(request.stream_id, version, request.events))
+            else:
+                placed = tuple(
+                    e.model_copy(update={"position": p})
+                    for e, p in zip(request.events, positions, strict=True)
+                )
+                results.append(AppendResult(request.stream_id, placed[-1].stream_version, placed))
+        return results
+
+    def _append_batch(
+        self, take: Callable[[], Sequence[_Append]]
+    ) -> list[AppendResult | BaseException]:
+        """Group commit: append a batch of requests in one transaction.
+
+        Each request gets its own outcome. A request whose expected version is stale gets its
+        ConcurrencyConflict and writes nothing; the others commit. If a statement fails (a
+        unique key taken by another process, a duplicate event id), nothing was written and the
+        requests are retried one by one, so that each caller gets its own exact answer."""
+        taken: list[Sequence[_Append]] = []
+
+        def take_once() -> Sequence[_Append]:
+            if not taken:
+                taken.append(take())
+            return taken[0]
+
+        try:
+            return list(self._transaction(take_once))
+        except _Failed as failed:
+            was_taken = bool(taken)
+            batch = take_once()
+            if not was_taken or failed.committing:
+                # Connecting failed, or COMMIT did (its outcome is unknown): all share it.
+                return [failed.error] * len(batch)
+            if len(batch) == 1:
+                return [self._explain(batch[0], failed.error)]
+            return [self._append_batch(_just(request))[0] for request in batch]
+
+    def _transaction(
+        self, take: Callable[[], Sequence[_Append]]
+    ) -> list[AppendResult | ConcurrencyConflict]:
+        """A batch in a transaction of its own; raises _Failed. A connection found dead before
+        COMMIT was sent is replaced, with the rest of the pool, and the batch is tried once
+        more (nothing can have committed)."""
+        for attempt in (1, 2):
+            try:
+                with self._write_queue, self.engine.connect() as conn:
+                    transaction = conn.begin()
+                    try:
+                        outcomes = self._write(conn, take)
+                    except DBAPIError as exc:
+                        if not exc.connection_invalidated:
+                            transaction.rollback()
+                        raise
+                    try:
+                        transaction.commit()
+                    except DBAPIError as exc:
+                        raise _Failed(exc, committing=True) from exc
+                    return outcomes
+            except DBAPIError as exc:
+                if exc.connection_invalidated:
+                    # A server restart leaves every pooled connection dead, not just this one.
+                    self.engine.dispose(close=False)
+                    if attempt == 1:
+                        continue
+                raise _Failed(exc) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _wrap(self, exc: Exception, sql: str, invalidated: bool) -> DBAPIError:
+        """The driver's error as SQLAlchemy's, as if SQLAlchemy had run the statement (the
+        callers and the CLI handle those). Parameters are not shown: they hold clinical data."""
+        wrapped = DBAPIError.instance(
+            sql,
+            None,
+            exc,
+            self.engine.dialect.loaded_dbapi.Error,
+            hide_parameters=True,
+            connection_invalidated=invalidated,
+            dialect=self.engine.dialect,
         )
-        return AppendResult(stream_id, events[-1].stream_version, placed)
+        assert isinstance(wrapped, DBAPIError)
+        return wrapped
+
+    def _explain(self, request: _Append, error: BaseException) -> BaseException:
+        """A single request's failure as the domain's specific error, where there is one."""
+        if not isinstance(error, IntegrityError):
+            return error
+        try:
+            self._explain_conflict(
+                error, request.stream_id, request.expected, request.events, None, None, None
+            )
+        except BaseException as explained:
+            return explained
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _explain_conflict(
         self,
@@ -323,14 +628,6 @@ class SqlEventStore(EventStore):
         previous sequencer committed."""
         return {int(r): int(p) for p, r in conn.execute(_PG_SEQUENCE)}
 
-    def _number_directly(self, conn: Connection, own_rows: list[int]) -> dict[int, int]:
-        """SQLite: the writer holds the database's write lock, so no event can be pending and
-        it numbers its own rows at once."""
-        numbered = {}
-        for row_id in own_rows:
-            numbered[row_id] = int(conn.execute(_SQLITE_NUMBER, {"row_id": row_id}).scalar_one())
-        return numbered
-
     # -- reading ----------------------------------------------------------------------------
 
     def read_stream(self, stream_id: str) -> list[PatientEvent]:
@@ -385,6 +682,20 @@ class SqlEventStore(EventStore):
             )
             for row in rows
         ]
+
+    def read_bodies(self, after: int = 0, limit: int = 1000) -> list[tuple[int, str | bytes]]:
+        """(position, stored wire text with "position": null) in position order, without
+        building WireEvents: the projections' rebuild path. Rows from before revision 0003
+        come from `read_wire`."""
+        self.sequence()
+        with self._reader() as conn:
+            rows: list[tuple[int, str | bytes]] = [
+                (position, body)
+                for position, body in conn.execute(_READ_BODIES, {"after": after, "limit": limit})
+            ]
+        if any(body is None for _, body in rows):
+            return [(w.position, w.value) for w in self.read_wire(after, limit)]
+        return rows
 
     def find_idempotent(self, key: str, request_hash: str | None = None) -> AppendResult | None:
         with self._reader() as conn:
@@ -485,6 +796,13 @@ def _utc(value: dt.datetime) -> dt.datetime:
 
 def _as_utc(value: dt.datetime) -> dt.datetime:
     return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+def _body(event: PatientEvent) -> str:
+    """The canonical wire JSON with "position": null, as stored in `events.body`."""
+    body = event.model_dump(mode="json")
+    body["position"] = None
+    return wire.dumps(body).decode("utf-8")
 
 
 def _to_row(event: PatientEvent) -> dict[str, Any]:

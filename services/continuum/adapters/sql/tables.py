@@ -5,6 +5,8 @@ event_pending    committed events not yet given a global position (a work queue)
 event_log        position -> event: the dense global order, insert-only
 idempotency_keys first result of a command retried with the same key
 patient_identities  name, date of birth, MRN by patient key: never in an event
+access_log       every read of patient-level data (who, role, what, when, purpose), insert-only
+disclosures      every message disclosed to an organization under a consent, insert-only
 """
 
 from __future__ import annotations
@@ -93,4 +95,52 @@ checkpoints = Table(
     Column("name", String(128), primary_key=True),
     Column("position", BigInteger, nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+#: The hash chain over event_log (revision 0004_hash_chain), insert-only: position -> the
+#: event sealed there and chain_hash(previous, wire bytes) (continuum_events.chain).
+log_hashes = Table(
+    "log_hashes",
+    metadata,
+    Column("position", BigInteger, primary_key=True, autoincrement=False),
+    Column("event_id", String(36), nullable=False),
+    Column("hash", String(64), nullable=False),
+    Column("sealed_at", DateTime(timezone=True), nullable=False),
+)
+
+#: Every access to patient-level data, insert-only (revision 0005_access_log).
+access_log = Table(
+    "access_log",
+    metadata,
+    Column("id", RowId, primary_key=True, autoincrement=True),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("subject", String(128), nullable=False),
+    Column("role", String(32), nullable=False),
+    Column("token_id", String(64)),
+    Column("channel", String(16), nullable=False),
+    Column("action", String(64), nullable=False),
+    Column("patient_key", String(64)),
+    Column("resource", String(256), nullable=False),
+    Column("purpose", String(16), nullable=False),
+    Column("outcome", String(16), nullable=False),
+    Column("request_id", String(64)),
+    Column("records", Integer),
+)
+
+#: Every message disclosed to a recipient organization under a patient's consent, insert-only
+#: (revision 0006_disclosures; application/disclosure.py).
+disclosures = Table(
+    "disclosures",
+    metadata,
+    Column("id", RowId, primary_key=True, autoincrement=True),
+    Column("org", String(63), nullable=False),
+    Column("patient_key", String(64), nullable=False),
+    Column("event_id", String(36), nullable=False),
+    Column("position", BigInteger, nullable=False),
+    Column("consent_id", String(64), nullable=False),
+    Column("topic", String(249), nullable=False),
+    Column("partition", Integer, nullable=False),
+    Column("offset", BigInteger, nullable=False),
+    Column("disclosed_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("topic", "partition", "offset", name="uq_disclosures_message"),
 )

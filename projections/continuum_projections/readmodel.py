@@ -1,0 +1,634 @@
+"""The read-model tables and their writer.
+
+Read models are disposable: they are rebuilt from the log (`continuum replay`), so their tables
+are created by `ReadModel.create()` rather than by the event store's migrations, and a schema
+change bumps `SCHEMA_VERSION`, which asks for a rebuild. They may live in the event store's
+database (the default) or in any other (`--into URL`).
+
+`ReadModel.flush` writes one batch of row changes, the touched patients' fold state and the
+runner's checkpoints in ONE transaction: a crash at any point leaves either the whole batch or
+none of it, so a restarted runner neither loses nor double-counts an event.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Connection,
+    DateTime,
+    Engine,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    bindparam,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.schema import CreateTable
+
+from continuum.domain.errors import StoreNotReady
+from continuum_projections.fold import Changes, PatientFold, Row
+
+SCHEMA_VERSION = "1"
+#: A census snapshot is cut after this many census deltas (bounds an as-of query's replay).
+SNAPSHOT_EVERY = 2_000
+
+metadata = MetaData()
+
+meta = Table(
+    "rm_meta",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+checkpoints = Table(
+    "rm_checkpoints",
+    metadata,
+    Column("name", String(200), primary_key=True),
+    Column("position", BigInteger, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+patients = Table(
+    "rm_patients",
+    metadata,
+    Column("patient_key", String(64), primary_key=True),
+    Column("state", String(24), nullable=False),
+    Column("active", Boolean, nullable=False),
+    Column("level", String(24)),
+    Column("site", String(64)),
+    Column("program", String(64)),
+    Column("age_group", String(16)),
+    Column("episode_id", String(36)),
+    Column("placed_at", DateTime(timezone=True)),
+    Column("last_assessed_at", DateTime(timezone=True)),
+    Column("version", Integer, nullable=False),
+    Column("position", BigInteger, nullable=False),
+    Column("fold_state", Text, nullable=False),
+    Index("ix_rm_patients_active_level", "active", "level"),
+)
+
+stays = Table(
+    "rm_stays",
+    metadata,
+    Column("stay_id", String(36), primary_key=True),
+    Column("patient_key", String(64), nullable=False, index=True),
+    Column("episode_id", String(36), nullable=False),
+    Column("level", String(24), nullable=False),
+    Column("site", String(64), nullable=False),
+    Column("program", String(64)),
+    Column("age_group", String(16), nullable=False),
+    Column("start_kind", String(16), nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("started_recorded_at", DateTime(timezone=True), nullable=False),
+    Column("ended_at", DateTime(timezone=True), index=True),
+    Column("ended_recorded_at", DateTime(timezone=True)),
+    Column("end_event_id", String(36)),
+    Column("end_kind", String(16)),
+    Column("next_level", String(24)),
+    Column("voided", Boolean, nullable=False),
+    # "Who was in care at T" reads only this index (PostgreSQL: an index-only scan).
+    Index(
+        "ix_rm_stays_started_at",
+        "started_at",
+        postgresql_include=["ended_at", "level", "site", "program", "age_group", "voided"],
+    ),
+)
+
+episodes = Table(
+    "rm_episodes",
+    metadata,
+    Column("episode_id", String(36), primary_key=True),
+    Column("patient_key", String(64), nullable=False, index=True),
+    Column("episode_number", Integer, nullable=False),
+    Column("age_group", String(16), nullable=False),
+    Column("admitted_at", DateTime(timezone=True), nullable=False),
+    Column("admitted_recorded_at", DateTime(timezone=True), nullable=False),
+    Column("admission_event_id", String(36), nullable=False),
+    Column("entry_level", String(24), nullable=False),
+    Column("entry_site", String(64), nullable=False),
+    Column("previous_episode_id", String(36)),
+    Column("days_since_previous_discharge", Float),
+    Column("policy_id", String(32)),
+    Column("policy_version", String(32)),
+    Column("discharged_at", DateTime(timezone=True), index=True),
+    Column("discharge_event_id", String(36)),
+    Column("discharge_level", String(24)),
+    Column("discharge_reason", String(24)),
+    Column("discharge_disposition", String(16)),
+    Column("readmitted_at", DateTime(timezone=True)),
+    Column("readmission_episode_id", String(36)),
+    Column("readmitted_within_30d", Boolean, nullable=False),
+    Column("voided", Boolean, nullable=False),
+)
+
+transitions = Table(
+    "rm_transitions",
+    metadata,
+    Column("event_id", String(36), primary_key=True),
+    Column("patient_key", String(64), nullable=False, index=True),
+    Column("episode_id", String(36), nullable=False),
+    Column("position", BigInteger),
+    Column("kind", String(16), nullable=False),
+    Column("direction", String(16), nullable=False),
+    Column("from_level", String(24)),
+    Column("from_site", String(64)),
+    Column("to_level", String(24), nullable=False),
+    Column("to_site", String(64), nullable=False),
+    Column("occurred_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("recorded_at", DateTime(timezone=True), nullable=False),
+    Column("reassessment_event_id", String(36), nullable=False),
+    Column("reassessment_at", DateTime(timezone=True), nullable=False),
+    Column("reassessment_age_days", Float, nullable=False),
+    Column("ratings", Text, nullable=False),
+    Column("hours_scheduled", Float),
+    Column("indicated_level", String(24), nullable=False),
+    Column("variance_reason", String(32)),
+    Column("authorization_ref", String(64)),
+    Column("actor_id", String(64), nullable=False),
+    Column("actor_role", String(32), nullable=False),
+    Column("policy_id", String(32)),
+    Column("policy_version", String(32)),
+    Column("window_days", Integer),
+    Column("flag_stale_reassessment", Boolean, nullable=False),
+    Column("flag_level_differs", Boolean, nullable=False),
+    Column("skipped_levels", String(200)),
+    Column("flag_skipped_levels", Boolean, nullable=False),
+    Column("hours_band_min", Float),
+    Column("hours_attended_14d", Float),
+    Column("hours_per_week_attended", Float),
+    Column("flag_hours_below_band", Boolean, nullable=False),
+    Column("days_since_discharge", Float),
+    Column("flag_readmission_30d", Boolean, nullable=False),
+    Column("voided", Boolean, nullable=False),
+    Column("voided_by", String(36)),
+    Column("voided_at", DateTime(timezone=True)),
+)
+
+census_deltas = Table(
+    "rm_census_deltas",
+    metadata,
+    Column("delta_id", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True),
+    Column("event_id", String(36), nullable=False),
+    Column("position", BigInteger),
+    Column("recorded_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("level", String(24), nullable=False),
+    Column("site", String(64), nullable=False),
+    Column("program", String(64), nullable=False),
+    Column("age_group", String(16), nullable=False),
+    Column("delta", Integer, nullable=False),
+)
+
+census_snapshots = Table(
+    "rm_census_snapshots",
+    metadata,
+    Column("boundary", DateTime(timezone=True), primary_key=True),
+    Column("level", String(24), primary_key=True),
+    Column("site", String(64), primary_key=True),
+    Column("program", String(64), primary_key=True),
+    Column("age_group", String(16), primary_key=True),
+    Column("count", Integer, nullable=False),
+)
+
+census_boundaries = Table(
+    "rm_census_boundaries",
+    metadata,
+    Column("boundary", DateTime(timezone=True), primary_key=True),
+    Column("deltas", BigInteger, nullable=False),
+)
+
+#: Indexes only queries use: built after a rebuild rather than maintained during it.
+DEFERRED_INDEXES = frozenset(
+    index.name
+    for table in (patients, stays, episodes, transitions)
+    for index in table.indexes
+    if index.name is not None
+)
+
+ROW_TABLES: dict[str, Table] = {"stays": stays, "episodes": episodes, "transitions": transitions}
+KEYS: dict[str, str] = {"stays": "stay_id", "episodes": "episode_id", "transitions": "event_id"}
+CENSUS_KEY = ("level", "site", "program", "age_group")
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Row changes and patient rows ready to write (see `ReadModel.prepare`)."""
+
+    changes: Changes
+    new_patients: list[Row]
+    old_patients: list[Row]
+
+
+class ReadModelError(StoreNotReady):
+    """The read model cannot be used as it is (wrong schema version, another source)."""
+
+    rule = "read_model.not_ready"
+
+
+def _time(value: str | dt.datetime) -> dt.datetime:
+    """A row's time (the events' ISO 8601 strings, or datetimes) as an aware datetime."""
+    if isinstance(value, str):
+        return dt.datetime.fromisoformat(value)
+    aware = utc(value)
+    assert aware is not None
+    return aware
+
+
+def utc(value: dt.datetime | None) -> dt.datetime | None:
+    """Datetimes come back naive from SQLite; everything stored is UTC."""
+    if value is None:
+        return None
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+class ReadModel:
+    """The read-model tables in one database."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._deltas_since_snapshot: int | None = None
+        self._last_boundary: dt.datetime | None = None
+
+    # -- schema -------------------------------------------------------------------------------
+
+    def create(self) -> None:
+        """Create the tables if missing; refuse a read model of another schema version.
+
+        A new read model gets only the indexes its writer needs; the query indexes
+        (`DEFERRED_INDEXES`) are built by `finish()` once the first run has caught up, which
+        is several times cheaper than maintaining them row by row during a rebuild."""
+        from sqlalchemy import inspect
+
+        present = set(inspect(self.engine).get_table_names())
+        with self.engine.begin() as conn:
+            for table in metadata.sorted_tables:
+                if table.name in present:
+                    continue
+                conn.execute(CreateTable(table))
+                for index in table.indexes:
+                    if index.name not in DEFERRED_INDEXES:
+                        index.create(conn)
+        with self.engine.begin() as conn:
+            found = conn.execute(select(meta.c.value).where(meta.c.key == "schema")).scalar()
+            if found is None:
+                conn.execute(insert(meta).values(key="schema", value=SCHEMA_VERSION))
+            elif found != SCHEMA_VERSION:
+                raise ReadModelError(
+                    f"the read model in this database is schema version {found}; this code "
+                    f"writes version {SCHEMA_VERSION}. Rebuild it: continuum replay --reset"
+                )
+
+    def finish(self) -> None:
+        """Build any query index not built yet (after a rebuild has caught up)."""
+        from sqlalchemy import inspect
+
+        inspector = inspect(self.engine)
+        missing = [
+            index
+            for table in metadata.sorted_tables
+            for index in table.indexes
+            if index.name in DEFERRED_INDEXES
+            and index.name not in {i["name"] for i in inspector.get_indexes(table.name)}
+        ]
+        if missing:
+            with self.engine.begin() as conn:
+                for index in missing:
+                    index.create(conn)
+            if self.engine.dialect.name == "postgresql":
+                # After a bulk build: statistics for the planner and a visibility map, so
+                # that the covering indexes answer without visiting the tables.
+                with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                    for table in metadata.sorted_tables:
+                        conn.exec_driver_sql(f"VACUUM (ANALYZE) {table.name}")
+
+    def claim(self, source: str) -> None:
+        """Record which source feeds this read model; refuse a second, different one (two
+        sources would count every event twice)."""
+        with self.engine.begin() as conn:
+            found = conn.execute(select(meta.c.value).where(meta.c.key == "source")).scalar()
+            if found is None:
+                conn.execute(insert(meta).values(key="source", value=source))
+            elif found != source:
+                raise ReadModelError(
+                    f"this read model is fed by {found}; it cannot also be fed by {source}. "
+                    "Use another database (--into URL) or rebuild it (continuum replay --reset)",
+                    source=found,
+                )
+
+    def source(self) -> str | None:
+        with self.engine.connect() as conn:
+            value = conn.execute(select(meta.c.value).where(meta.c.key == "source")).scalar()
+        return str(value) if value is not None else None
+
+    def reset(self) -> None:
+        """Drop and recreate every read-model table (the log itself is untouched)."""
+        metadata.drop_all(self.engine)
+        self._deltas_since_snapshot = None
+        self._last_boundary = None
+        self.create()
+
+    def exists(self) -> bool:
+        from sqlalchemy import inspect
+
+        return inspect(self.engine).has_table(meta.name)
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def checkpoint(self, name: str) -> int:
+        with self.engine.connect() as conn:
+            value = conn.execute(
+                select(checkpoints.c.position).where(checkpoints.c.name == name)
+            ).scalar()
+        return int(value or 0)
+
+    def checkpoints_like(self, prefix: str) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(checkpoints.c.name, checkpoints.c.position).where(
+                    checkpoints.c.name.startswith(prefix)
+                )
+            ).all()
+        return {name: int(position) for name, position in rows}
+
+    # -- fold state ---------------------------------------------------------------------------
+
+    def load_patients(self, keys: Iterable[str]) -> dict[str, PatientFold]:
+        keys = list(keys)
+        found: dict[str, PatientFold] = {}
+        with self.engine.connect() as conn:
+            for start in range(0, len(keys), 500):
+                chunk = keys[start : start + 500]
+                rows = conn.execute(
+                    select(patients.c.patient_key, patients.c.fold_state).where(
+                        patients.c.patient_key.in_(chunk)
+                    )
+                ).all()
+                for key, state in rows:
+                    found[key] = PatientFold.from_json(key, state)
+        return found
+
+    # -- the writer ---------------------------------------------------------------------------
+
+    def flush(
+        self, changes: Changes, touched: list[PatientFold], positions: Mapping[str, int]
+    ) -> None:
+        """Write a batch and the runner's checkpoints in one transaction."""
+        self.write(self.prepare(changes, touched), positions)
+
+    def prepare(self, changes: Changes, touched: list[PatientFold]) -> Batch:
+        """Freeze a batch for writing (the fold may go on changing its patients meanwhile).
+        The patients count as stored from here: if the write fails, the runner drops its
+        cache and starts again from the saved checkpoint."""
+        new = [p.row() for p in touched if not p.stored]
+        old = [p.row() for p in touched if p.stored]
+        for p in touched:
+            p.stored = True
+        return Batch(changes=changes, new_patients=new, old_patients=old)
+
+    def write(self, batch: Batch, positions: Mapping[str, int]) -> None:
+        """One transaction: rows, patients' fold state, census deltas, checkpoints."""
+        now = dt.datetime.now(dt.UTC)
+        changes = batch.changes
+        with self.engine.begin() as conn:
+            write = _write_pg if conn.dialect.name == "postgresql" else _write_core
+            for name, table in ROW_TABLES.items():
+                write(conn, table, list(changes.inserts.get(name, {}).values()))
+                for fields, keyed in _group_patches(changes.patches.get(name, {})).items():
+                    _update(conn, table, KEYS[name], fields, keyed)
+            write(conn, patients, batch.new_patients)
+            if batch.old_patients:
+                fields = tuple(c.name for c in patients.c if c.name != "patient_key")
+                params = [
+                    {"_key": row["patient_key"], **{f"v_{f}": row[f] for f in fields}}
+                    for row in batch.old_patients
+                ]
+                _update(conn, patients, "patient_key", fields, params)
+            if changes.deltas:
+                write(conn, census_deltas, changes.deltas)
+                self._maintain_snapshots(conn, changes.deltas)
+            for name, position in positions.items():
+                _put_checkpoint(conn, name, position, now)
+
+    # -- census snapshots ---------------------------------------------------------------------
+
+    def _maintain_snapshots(self, conn: Connection, deltas: list[Row]) -> None:
+        """Keep every snapshot equal to the sum of the deltas recorded at or before it.
+
+        A delta recorded at or before an existing boundary (clocks of concurrent writers, or
+        the Kafka runner's partitions, interleave) is added to every snapshot at or after it.
+        A new snapshot is cut after SNAPSHOT_EVERY deltas.
+        """
+        times = [_time(d["recorded_at"]) for d in deltas]
+        if self._deltas_since_snapshot is None:
+            last = utc(conn.execute(select(func.max(census_boundaries.c.boundary))).scalar())
+            since = select(func.count()).select_from(census_deltas)
+            if last is not None:
+                since = since.where(census_deltas.c.recorded_at > last)
+            in_db = int(conn.execute(since).scalar() or 0)
+            self._deltas_since_snapshot = in_db - len(
+                [t for t in times if last is None or t > last]
+            )
+            self._last_boundary = last
+        last = self._last_boundary
+        if last is not None:
+            for d, recorded in zip(deltas, times, strict=True):
+                if recorded > last:
+                    continue
+                boundaries = conn.execute(
+                    select(census_boundaries.c.boundary).where(
+                        census_boundaries.c.boundary >= recorded
+                    )
+                ).scalars()
+                for boundary in boundaries:
+                    _add_to_snapshot(conn, boundary, d)
+        fresh = sorted(t for t in times if last is None or t > last)
+        pending = self._deltas_since_snapshot
+        taken = 0  # fresh deltas inside a snapshot cut in this flush
+        i = max(0, SNAPSHOT_EVERY - pending - 1)
+        while i < len(fresh):
+            boundary = fresh[i]
+            while i + 1 < len(fresh) and fresh[i + 1] == boundary:
+                i += 1  # deltas recorded at the same instant go together
+            self._cut_snapshot(conn, boundary, last, pending + i + 1 - taken)
+            last, pending, taken = boundary, 0, i + 1
+            i += SNAPSHOT_EVERY
+        self._last_boundary = last
+        self._deltas_since_snapshot = pending + len(fresh) - taken
+
+    def _cut_snapshot(
+        self, conn: Connection, boundary: dt.datetime, previous: dt.datetime | None, deltas: int
+    ) -> None:
+        counts = census_totals(conn, boundary, previous)
+        rows = [
+            {"boundary": boundary, **dict(zip(CENSUS_KEY, key, strict=True)), "count": n}
+            for key, n in counts.items()
+            if n
+        ]
+        if rows:
+            conn.execute(insert(census_snapshots), rows)
+        conn.execute(insert(census_boundaries).values(boundary=boundary, deltas=deltas))
+
+    def forget_cache(self) -> None:
+        """After a failed transaction: re-read snapshot bookkeeping from the database."""
+        self._deltas_since_snapshot = None
+        self._last_boundary = None
+
+
+def census_totals(
+    conn: Connection, as_of: dt.datetime, snapshot: dt.datetime | None = None
+) -> dict[tuple[str, str, str, str], int]:
+    """Counts per census key from the snapshot at `snapshot` plus deltas up to `as_of`."""
+    totals: dict[tuple[str, str, str, str], int] = {}
+    if snapshot is not None:
+        for row in conn.execute(
+            select(*[census_snapshots.c[k] for k in CENSUS_KEY], census_snapshots.c.count).where(
+                census_snapshots.c.boundary == snapshot
+            )
+        ):
+            totals[(row[0], row[1], row[2], row[3])] = int(row[4])
+    key_cols = [census_deltas.c[k] for k in CENSUS_KEY]
+    query = select(*key_cols, func.sum(census_deltas.c.delta)).where(
+        census_deltas.c.recorded_at <= as_of
+    )
+    if snapshot is not None:
+        query = query.where(census_deltas.c.recorded_at > snapshot)
+    for row in conn.execute(query.group_by(*key_cols)):
+        key = (row[0], row[1], row[2], row[3])
+        totals[key] = totals.get(key, 0) + int(row[4])
+    return totals
+
+
+def census_as_of(conn: Connection, as_of: dt.datetime) -> dict[tuple[str, str, str, str], int]:
+    """The census as the log stood at recorded time `as_of`: nearest snapshot plus deltas."""
+    snapshot = utc(
+        conn.execute(
+            select(func.max(census_boundaries.c.boundary)).where(
+                census_boundaries.c.boundary <= as_of
+            )
+        ).scalar()
+    )
+    return {k: n for k, n in census_totals(conn, as_of, snapshot).items() if n}
+
+
+def _add_to_snapshot(conn: Connection, boundary: dt.datetime, d: Row) -> None:
+    key = {k: d[k] for k in CENSUS_KEY}
+    where = [census_snapshots.c.boundary == boundary] + [
+        census_snapshots.c[k] == v for k, v in key.items()
+    ]
+    changed = conn.execute(
+        update(census_snapshots).where(*where).values(count=census_snapshots.c.count + d["delta"])
+    ).rowcount
+    if not changed:
+        conn.execute(insert(census_snapshots).values(boundary=boundary, count=d["delta"], **key))
+
+
+def _datetimes(table: Table) -> frozenset[str]:
+    return frozenset(c.name for c in table.c if isinstance(c.type, DateTime))
+
+
+DATETIME_COLUMNS: dict[str, frozenset[str]] = {
+    t.name: _datetimes(t) for t in metadata.tables.values()
+}
+
+
+def _for_core(table: Table, row: Row, prefix: str = "") -> Row:
+    """SQLAlchemy's SQLite DateTime wants datetime objects; rows carry ISO strings."""
+    names = DATETIME_COLUMNS[table.name]
+    return {
+        k: _time(v) if isinstance(v, str) and k.removeprefix(prefix) in names else v
+        for k, v in row.items()
+    }
+
+
+def _write_core(conn: Connection, table: Table, rows: list[Row]) -> None:
+    if rows:
+        conn.execute(insert(table), [_for_core(table, row) for row in rows])
+
+
+def _write_pg(conn: Connection, table: Table, rows: list[Row]) -> None:
+    """PostgreSQL bulk path: COPY, without per-row SQLAlchemy parameter processing (times go
+    as the events' ISO 8601 text, which PostgreSQL parses)."""
+    if not rows:
+        return
+    columns = [c for c in rows[0] if c in table.c]
+    raw = conn.connection.driver_connection
+    with raw.cursor() as cursor:  # type: ignore[union-attr]
+        sql = f"COPY {table.name} ({', '.join(columns)}) FROM STDIN"
+        with cursor.copy(sql) as copy:
+            for row in rows:
+                copy.write_row([row[c] for c in columns])
+
+
+#: Below this many rows an UPDATE per row (pipelined) beats a temporary table.
+BULK_UPDATE_FROM = 64
+_temp_tables = itertools.count()
+
+
+def _update(
+    conn: Connection, table: Table, key: str, fields: tuple[str, ...], params: list[Row]
+) -> None:
+    if conn.dialect.name != "postgresql":
+        rows = [_for_core(table, row, "v_") for row in params]
+        conn.execute(_update_by_key(table, key, fields), rows)
+        return
+    raw = conn.connection.driver_connection
+    with raw.cursor() as cursor:  # type: ignore[union-attr]
+        if len(params) < BULK_UPDATE_FROM:
+            sets = ", ".join(f"{f} = %(v_{f})s" for f in fields)
+            cursor.executemany(f"UPDATE {table.name} SET {sets} WHERE {key} = %(_key)s", params)
+            return
+        # Many rows: COPY them into a temporary table, then one UPDATE ... FROM.
+        temp = f"rm_patch_{next(_temp_tables)}"
+        types = ", ".join(f"{f} {table.c[f].type.compile(dialect=conn.dialect)}" for f in fields)
+        key_type = table.c[key].type.compile(dialect=conn.dialect)
+        cursor.execute(f"CREATE TEMPORARY TABLE {temp} (_key {key_type}, {types}) ON COMMIT DROP")
+        with cursor.copy(f"COPY {temp} (_key, {', '.join(fields)}) FROM STDIN") as copy:
+            for row in params:
+                copy.write_row([row["_key"], *[row[f"v_{f}"] for f in fields]])
+        sets = ", ".join(f"{f} = p.{f}" for f in fields)
+        cursor.execute(
+            f"UPDATE {table.name} AS t SET {sets} FROM {temp} AS p WHERE t.{key} = p._key"
+        )
+
+
+def _put_checkpoint(conn: Connection, name: str, position: int, now: dt.datetime) -> None:
+    changed = conn.execute(
+        update(checkpoints)
+        .where(checkpoints.c.name == name)
+        .values(position=position, updated_at=now)
+    ).rowcount
+    if not changed:
+        conn.execute(insert(checkpoints).values(name=name, position=position, updated_at=now))
+
+
+def _group_patches(patches: dict[str, Row]) -> dict[tuple[str, ...], list[Row]]:
+    """Patches grouped by the columns they set, as parameters for `_update_by_key`."""
+    groups: dict[tuple[str, ...], list[Row]] = {}
+    for key, values in patches.items():
+        fields = tuple(sorted(values))
+        params = {"_key": key, **{f"v_{f}": v for f, v in values.items()}}
+        groups.setdefault(fields, []).append(params)
+    return groups
+
+
+def _update_by_key(table: Table, key: str, fields: Iterable[str]) -> Any:
+    return (
+        update(table)
+        .where(table.c[key] == bindparam("_key"))
+        .values({f: bindparam(f"v_{f}") for f in fields})
+    )

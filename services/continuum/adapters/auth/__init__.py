@@ -1,0 +1,1 @@
+"""Authentication: bearer JWTs from an OIDC issuer, and the local development issuer."""

@@ -1,0 +1,250 @@
+"""HTTP API figures: transition commands per second with 2 uvicorn workers (p50/p99 latency),
+and census latency with 100,000 active patients. PostgreSQL, the real `continuum serve`.
+
+Run it directly (pytest does not collect it):
+
+    .venv/bin/python tests/benchmarks/bench_api.py            # 100,000 patients, ~5 minutes
+    .venv/bin/python tests/benchmarks/bench_api.py --quick    # 10,000 patients
+
+Targets (issue 5): >= 500 transition commands/s with p99 <= 100 ms; census p99 <= 50 ms.
+
+1. Seed. `--patients` patients are admitted through the service (8 threads, group commit):
+   each at level 3.5, 10 days ago, with a reassessment yesterday that indicates 2.1. The read
+   models are then built (`StoreRunner`), so the census counts every one of them.
+2. Serve. `continuum serve --workers 2 --no-project` runs on 127.0.0.1 with the development
+   issuer; the clients hold tokens from the same key.
+3. Transitions. `--clients` threads, each with its own keep-alive connection, POST one step-down
+   (3.5 -> 2.1) per patient for `--transitions` patients. Reported: commands/s over the whole
+   run and p50/p99/max of each request's latency (client side: send to last byte).
+4. Census. `--census-requests` sequential GET /v1/census (current census by level, site,
+   programme and age group over the 100,000 active patients). Reported: p50/p99/max.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx2 as httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from continuum.adapters.auth.tokens import DevIssuer
+from continuum.adapters.sql.store import SqlEventStore
+from continuum.application.service import PatientService
+from continuum.domain import commands as c
+from continuum.domain.policy import PolicyRegistry
+from continuum_projections.readmodel import ReadModel
+from continuum_projections.runners import StoreRunner
+from tests.support import assessment, fresh_pg_schema
+
+PG_URL = os.environ.get(
+    "CONTINUUM_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/continuum_test"
+)
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+def pct(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def seed(service: PatientService, n: int, threads: int = 8) -> list[str]:
+    import datetime as dt
+
+    now = dt.datetime.now(dt.UTC)
+    admitted = now - dt.timedelta(days=10)
+    reassessed = now - dt.timedelta(days=1)
+    keys: list[str] = []
+    lock = threading.Lock()
+    done = 0
+    started = time.perf_counter()
+
+    def one(i: int) -> None:
+        nonlocal done
+        key = service.handle(
+            c.Admit(
+                level="3.5",
+                site=f"site-{'abcd'[i % 4]}",
+                program=f"prog-{i % 3}",
+                age_group="adult" if i % 9 else "adolescent",
+                assessment=assessment("001040"),
+                occurred_at=admitted,
+            )
+        ).stream_id
+        service.handle(
+            c.RecordReassessment(
+                patient_key=key, assessment=assessment("000020", 12), occurred_at=reassessed
+            )
+        )
+        with lock:
+            keys.append(key)
+            done += 1
+            if done % 5_000 == 0:
+                rate = done / (time.perf_counter() - started)
+                say(f"  seeded {done:,}/{n:,} patients ({rate:,.0f}/s)")
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(one, range(n)))
+    return keys
+
+
+def serve(env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "continuum.entrypoints.cli",
+            "serve",
+            "--workers",
+            "2",
+            "--no-project",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(
+                f"continuum serve exited: {proc.stderr.read().decode() if proc.stderr else ''}"
+            )
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health/live", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("continuum serve did not answer within 60 s")
+
+
+def transitions(base: str, token: str, keys: list[str], clients: int) -> tuple[float, list[float]]:
+    latencies: list[float] = []
+    lock = threading.Lock()
+    chunks = [keys[i::clients] for i in range(clients)]
+    failures: list[str] = []
+
+    def run(chunk: list[str]) -> None:
+        mine: list[float] = []
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}) as client:
+            for key in chunk:
+                t0 = time.perf_counter()
+                response = client.post(f"/v1/patients/{key}/transitions", json={"to_level": "2.1"})
+                mine.append(time.perf_counter() - t0)
+                if response.status_code != 201:
+                    failures.append(f"{response.status_code} {response.text[:200]}")
+        with lock:
+            latencies.extend(mine)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=run, args=(chunk,)) for chunk in chunks]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    if failures:
+        raise SystemExit(f"{len(failures)} transitions failed, e.g. {failures[0]}")
+    return len(keys) / elapsed, latencies
+
+
+def census(base: str, token: str, requests: int) -> list[float]:
+    latencies = []
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}) as client:
+        for _ in range(requests):
+            t0 = time.perf_counter()
+            response = client.get("/v1/census")
+            latencies.append(time.perf_counter() - t0)
+            response.raise_for_status()
+    return latencies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--patients", type=int, default=100_000)
+    parser.add_argument("--transitions", type=int, default=10_000)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--census-requests", type=int, default=500)
+    parser.add_argument("--port", type=int, default=18_080)
+    parser.add_argument("--quick", action="store_true", help="10,000 patients, 3,000 moves")
+    args = parser.parse_args()
+    if args.quick:
+        args.patients, args.transitions = 10_000, 3_000
+    policies = PolicyRegistry.bundled()
+    with (
+        fresh_pg_schema(PG_URL, prefix="bench_api", pool_size=16) as engine,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
+        with engine.connect() as conn:
+            schema = conn.exec_driver_sql("SELECT current_schema()").scalar() or ""
+        store = SqlEventStore(engine)
+        service = PatientService(store, policies)
+        say(f"seeding {args.patients:,} active patients (admission + reassessment each)")
+        keys = seed(service, args.patients)
+        say("building the read models")
+        t0 = time.perf_counter()
+        StoreRunner(store, ReadModel(engine), policies).run()
+        say(f"  projected {store.head_position():,} events in {time.perf_counter() - t0:.1f} s")
+
+        key_file = Path(tmp) / "dev-issuer.pem"
+        issuer = DevIssuer.load_or_create(key_file, audience="care-continuum")
+        clinician = issuer.issue(
+            subject="bench-clinician",
+            role="clinician",
+            sites=["site-a", "site-b", "site-c", "site-d"],
+            organization=None,
+            ttl_seconds=3600,
+        )
+        env = {
+            **os.environ,
+            "CONTINUUM_DATABASE_URL": PG_URL,
+            "PGOPTIONS": f"-csearch_path={schema}",
+            "CONTINUUM_DEV_ISSUER_KEY_FILE": str(key_file),
+        }
+        proc = serve(env, args.port)
+        base = f"http://127.0.0.1:{args.port}"
+        try:
+            say("census: warm-up, then sequential requests")
+            census(base, clinician, 20)
+            census_latency = census(base, clinician, args.census_requests)
+            moves = keys[: args.transitions]
+            say(f"transitions: {len(moves):,} step-downs from {args.clients} clients")
+            transitions(base, clinician, keys[-50:], 4)  # warm-up on other patients
+            rate, latency = transitions(base, clinician, moves, args.clients)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    ms = 1000.0
+    say("")
+    say(f"transition commands/s (2 workers, {args.clients} clients): {rate:,.0f}  (target >= 500)")
+    say(
+        f"transition latency ms: p50 {statistics.median(latency) * ms:.1f}  "
+        f"p99 {pct(latency, 0.99) * ms:.1f}  max {max(latency) * ms:.1f}  (target p99 <= 100)"
+    )
+    say(
+        f"census latency ms over {args.patients:,} active patients: p50 "
+        f"{statistics.median(census_latency) * ms:.1f}  p99 {pct(census_latency, 0.99) * ms:.1f}  "
+        f"max {max(census_latency) * ms:.1f}  (target p99 <= 50)"
+    )
+
+
+if __name__ == "__main__":
+    main()
