@@ -92,6 +92,60 @@ def test_injection_strings_in_every_text_field_are_refused_without_a_write(sqlit
             assert listing.json()["patients"] == []
 
 
+#: Every other command body, with every optional text field filled in.
+OTHER_BODIES: list[tuple[str, dict[str, Any]]] = [
+    ("reassessments", {"occurred_at": "2026-01-02T00:00:00+00:00", "assessment": assessment()}),
+    (
+        "transitions",
+        {
+            "to_level": "2.1",
+            "site": "site-a",
+            "program": "prog-1",
+            "variance_reason": "patient_preference",
+            "authorization_ref": "auth-1",
+        },
+    ),
+    ("attendance", {"service_date": "2026-01-02", "hours": 3}),
+    ("discharges", {"reason": "completed", "disposition": "home"}),
+    ("readmissions", {"level": "3.5", "site": "site-a", "assessment": assessment()}),
+    ("voids", {"event_id": "9b2f4a52-4c8e-4b53-9b0e-3f2a1d5e6c7b", "reason": "entered_in_error"}),
+    (
+        "consents",
+        {
+            "consent_id": "c-1",
+            "recipient_org": "hie-north",
+            "purposes": ["treatment"],
+            "document_ref": "form-1",
+        },
+    ),
+    ("consent-revocations", {"consent_id": "c-1"}),
+]
+
+
+@pytest.mark.parametrize(("route", "template"), OTHER_BODIES, ids=[r for r, _ in OTHER_BODIES])
+def test_injection_strings_in_every_command_body_are_refused_without_a_write(
+    sqlite_api: Api, route: str, template: dict[str, Any]
+) -> None:
+    api = sqlite_api
+    created = api.client.post("/v1/patients", json=admit_body(), headers=api.auth("clinician"))
+    key = created.json()["patient_key"]
+    head = api.head()
+    paths = list(_text_paths(template))
+    assert paths
+    for path in paths:
+        for attack in INJECTIONS:
+            response = api.client.post(
+                f"/v1/patients/{key}/{route}",
+                json=_set(template, path, attack),
+                headers=api.auth("clinician"),
+            )
+            assert response.status_code == 422, (route, path, attack, response.text[:300])
+            problem = response.json()
+            named = [e["field"] for e in problem.get("errors") or []] + [problem["field"]]
+            assert any(path[-1] in str(field) for field in named), (path, problem)
+    assert api.head() == head
+
+
 def test_oversized_body_is_413_and_nothing_is_written(sqlite_api: Api) -> None:
     api = sqlite_api
     head = api.head()
