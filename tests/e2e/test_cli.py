@@ -176,7 +176,7 @@ def test_every_error_is_specific_and_writes_nothing(cli: Cli) -> None:
         cli, 5, "transition", pk, "--to=2.1", "--occurred-at=2026-10-13T09:00:00+00:00"
     )
     assert "step-down to 2.1 needs a reassessment within 7 days; latest is 12 days old" in message
-    assert "reassessment.stale" in message and "asam-3@2026.1" in message
+    assert "[rule reassessment.stale, policy asam-3@2026.1]" in message
 
     assert "level '9.9' is not in policy asam-3@2026.1" in _refused(
         cli, 3, "transition", pk, "--to=9.9"

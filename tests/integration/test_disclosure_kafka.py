@@ -361,6 +361,51 @@ def test_a_crash_after_the_ack_loses_no_record_and_sends_nothing_twice(
     assert sql.checkpoint(f"disclosure:{org}") == clinic.store.head_position()
 
 
+class StopAfterFirstRecord(DatabaseDownOnce):
+    """The real SQL record; once it has recorded one batch it sets `stop`."""
+
+    def __init__(self, inner: SqlDisclosureRecord, stop: threading.Event) -> None:
+        super().__init__(inner, fail_on_call=0)
+        self.stop = stop
+
+    def record(
+        self, disclosures: Sequence[Disclosure], *, checkpoint: str, expected: int, position: int
+    ) -> None:
+        super().record(disclosures, checkpoint=checkpoint, expected=expected, position=position)
+        self.stop.set()
+
+
+def test_drain_stops_between_batches_when_asked_and_resumes_from_its_checkpoint(
+    engine: Engine, clinic: Clinic, kafka_broker: BrokerInfo
+) -> None:
+    org = new_org("hie")
+    keys = []
+    for n in range(3):
+        keys.append(clinic.admit())
+        clinic.consent(keys[-1], org, f"c-{n}")
+    for key in keys:
+        clinic.reassess(key)
+    expected = 6  # three consents given and three reassessments; the admissions came before
+    sql = SqlDisclosureRecord(engine)
+    stop = threading.Event()
+    stopping = publisher_for(
+        clinic, engine, kafka_broker, org, record=StopAfterFirstRecord(sql, stop)
+    )
+    try:
+        first = stopping.drain(stop)  # batch_size 3: one batch, then stop
+    finally:
+        stopping.channel.close()
+    assert 0 < first < expected
+    assert len(sql.query(org=org)) == first
+    assert 0 < sql.checkpoint(f"disclosure:{org}") < clinic.store.head_position()
+
+    assert disclose(publisher_for(clinic, engine, kafka_broker, org)) == expected - first
+    records = read_topic(kafka_broker, org, expected)
+    assert len(records) == expected, "nothing lost, nothing sent twice"
+    assert len(set(ids_on(records))) == expected
+    assert sql.checkpoint(f"disclosure:{org}") == clinic.store.head_position()
+
+
 def test_a_second_publisher_for_the_same_organization_records_nothing(
     engine: Engine, clinic: Clinic, kafka_broker: BrokerInfo
 ) -> None:

@@ -182,6 +182,43 @@ def test_cohort_relayed_and_read_back_independently_validates_and_matches_the_st
     assert_topic_holds_the_store(records, store, allow_duplicates=False)
 
 
+class StopAfterFirstCheckpoint(SqlCheckpoints):
+    """The real checkpoints; the first one saved sets `stop` (an operator's Ctrl-C, say)."""
+
+    def __init__(self, engine: Engine, stop: threading.Event) -> None:
+        super().__init__(engine)
+        self.stop = stop
+
+    def put(self, name: str, position: int) -> None:
+        super().put(name, position)
+        self.stop.set()
+
+
+def test_drain_stops_between_batches_when_asked_and_resumes_from_its_checkpoint(
+    pg_engine: Engine, policies: PolicyRegistry, kafka_broker: BrokerInfo
+) -> None:
+    store = SqlEventStore(pg_engine)
+    head = cohort(store, policies, patients=30, seed=24)
+    batch = 40
+    assert head > 4 * batch, "a backlog of several batches, or the test proves nothing"
+    topic = create_topic(kafka_broker.bootstrap_servers, unique("stop"), partitions=3)
+    publisher = KafkaPublisher(settings_for(kafka_broker.bootstrap_servers, kafka_broker), topic)
+    stop = threading.Event()
+    checkpoints = StopAfterFirstCheckpoint(pg_engine, stop)
+    try:
+        relay = Relay(store, checkpoints, publisher, name="r", batch_size=batch)
+        # Batch 2 was already in flight when batch 1's checkpoint set `stop`: it is finished
+        # and checkpointed, and nothing more is read.
+        assert relay.drain(stop) == 2 * batch
+        assert checkpoints.get("r") == store.read_wire(0, 2 * batch)[-1].position
+        assert relay.drain() == head - 2 * batch
+    finally:
+        publisher.close()
+    assert checkpoints.get("r") == head
+    records = consume_all(kafka_broker.bootstrap_servers, topic, head, timeout=30)
+    assert_topic_holds_the_store(records, store, allow_duplicates=False)
+
+
 # -- outages and crashes ----------------------------------------------------------------------
 
 

@@ -19,6 +19,7 @@ import pytest
 from pydantic import ValidationError
 
 from continuum.adapters.memory import InMemoryEventStore
+from continuum.application.disclosure import ConsentBook
 from continuum.application.ports import AppendResult
 from continuum.application.service import CommandContext, PatientService
 from continuum.domain import commands as c
@@ -715,3 +716,47 @@ def test_other_events_stay_voidable_beside_consents(env: Env, key: str) -> None:
     assert void.event_type == "EventVoided"
     assert env.state(key).voided == {attended.event_id}
     assert list(env.state(key).consents) == ["c-1"]
+
+
+# -- the consent book a disclosure publisher keeps ------------------------------------------
+
+
+def _governing_by_type(env: Env, org: str) -> list[tuple[str, str | None]]:
+    """Feed the whole log to a `ConsentBook` for `org`: (event type, governing consent id)."""
+    book = ConsentBook(org)
+    seen: list[tuple[str, str | None]] = []
+    for wire in env.store.iter_wire():
+        governing = book.observe(wire)
+        seen.append((wire.event_type, governing.consent_id if governing else None))
+    return seen
+
+
+def test_a_revocation_is_disclosed_under_the_consent_it_revokes(env: Env, key: str) -> None:
+    env.give(key, "c-1", "hie-north", given_on=days_from_today(-3))
+    env.give(key, "c-2", "hie-north", given_on=days_from_today(-2))
+    env.give(key, "c-9", "payer-east")  # another organization's: never seen by hie-north
+    env.revoke(key, "c-1")
+    env.revoke(key, "c-2")
+    assert _governing_by_type(env, "hie-north") == [
+        ("PatientAdmitted", None),
+        ("ConsentGiven", "c-1"),
+        ("ConsentGiven", "c-2"),
+        ("ConsentGiven", None),
+        ("ConsentRevoked", "c-1"),  # not c-2, although c-2 is the latest in force
+        ("ConsentRevoked", "c-2"),
+    ]
+
+
+def test_a_revocation_of_an_expired_consent_falls_back_to_one_in_force(env: Env, key: str) -> None:
+    env.give(key, "c-1", "hie-north", given_on=days_from_today(-9), expires_on=days_from_today(-1))
+    env.give(key, "c-2", "hie-north", given_on=days_from_today(-2))
+    env.revoke(key, "c-1")
+    env.clock.advance(days=1)
+    env.revoke(key, "c-2")
+    env.handle(c.RecordAttendance(patient_key=key, service_date=TODAY, hours=3))
+    governing = _governing_by_type(env, "hie-north")
+    assert governing[-3:] == [
+        ("ConsentRevoked", "c-2"),  # c-1 had expired: disclosed under c-2, still in force
+        ("ConsentRevoked", "c-2"),
+        ("AttendanceRecorded", None),  # nothing in force any more
+    ]

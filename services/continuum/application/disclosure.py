@@ -137,7 +137,12 @@ class ConsentBook:
                     )
                 )
                 return self._governing(held, body) if decide else None
-            governing = self._governing(held, body) if decide else None
+            # The revocation is the last event disclosed under the consent it revokes; if that
+            # one has already expired, under whichever other consent is still in force.
+            revoked = [h for h in held if h.consent_id == data["consent_id"]]
+            governing = (
+                (self._governing(revoked, body) or self._governing(held, body)) if decide else None
+            )
             held[:] = [h for h in held if h.consent_id != data["consent_id"]]
             if not held:
                 del self._held[event.stream_id]
@@ -348,13 +353,14 @@ class DisclosurePublisher:
         self._found = found
 
     def drain(self, stop: threading.Event | None = None) -> int:
-        """Disclose everything committed so far; return the number of messages recorded."""
+        """Disclose everything committed so far, or until `stop` is set (between batches);
+        return the number of messages recorded."""
         stop = stop or threading.Event()
         if self._found is None:
             self.start()
         total = 0
         try:
-            while (count := self._batch(stop)) is not None:
+            while not stop.is_set() and (count := self._batch(stop)) is not None:
                 total += count
         except BaseException:
             self._found = None  # the consent state ran ahead of the checkpoint: rebuild

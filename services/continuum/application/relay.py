@@ -111,7 +111,8 @@ class Relay:
         self.stats = RelayStats(checkpoint=checkpoints.get(name))
 
     def drain(self, stop: threading.Event | None = None) -> int:
-        """Publish everything committed so far; return the number of events published.
+        """Publish everything committed so far, or until `stop` is set; return the number of
+        events published.
 
         Pipelined: batch k+1 is read from the store while batch k is in flight, and the
         checkpoint moves past batch k only once the bus has acknowledged all of it."""
@@ -121,7 +122,8 @@ class Relay:
         total = 0
         in_flight: InFlight | None = None
         while True:
-            events = self.store.read_wire(after, self.batch_size)
+            # Once `stop` is set, read nothing more: finish what is in flight and return.
+            events = [] if stop.is_set() else self.store.read_wire(after, self.batch_size)
             started = self.publisher.start(events, stop) if events else None
             if in_flight is not None:
                 if started is None:  # caught up: nothing to batch with, send it now

@@ -20,6 +20,7 @@ from typing import Annotated, Any, NoReturn, TypeVar
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from sqlalchemy.exc import OperationalError
 
 from continuum.adapters.kafka.errors import BrokerUnavailable, TopicProblem
@@ -83,7 +84,8 @@ T = TypeVar("T")
 
 
 def _fail(code: int, message: str, payload: dict[str, Any] | None = None) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", markup=True)
+    # The message is plain text (it may end in "[rule …]"): escape it, or rich eats it as markup.
+    err.print(f"[bold red]error:[/] {escape(message)}", markup=True)
     if payload:
         err.print(json.dumps(payload, sort_keys=True), markup=False)
     raise typer.Exit(code)
