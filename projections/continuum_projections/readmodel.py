@@ -36,6 +36,7 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    text,
     update,
 )
 from sqlalchemy.schema import CreateTable
@@ -274,8 +275,11 @@ class ReadModel:
         is several times cheaper than maintaining them row by row during a rebuild."""
         from sqlalchemy import inspect
 
-        present = set(inspect(self.engine).get_table_names())
+        # Several workers may start on a new read model at once: look and create under one
+        # lock (SQLite: the BEGIN IMMEDIATE write lock; PostgreSQL: an advisory lock).
         with self.engine.begin() as conn:
+            _serialize(conn, SCHEMA_LOCK)
+            present = set(inspect(conn).get_table_names())
             for table in metadata.sorted_tables:
                 if table.name in present:
                     continue
@@ -283,7 +287,6 @@ class ReadModel:
                 for index in table.indexes:
                     if index.name not in DEFERRED_INDEXES:
                         index.create(conn)
-        with self.engine.begin() as conn:
             found = conn.execute(select(meta.c.value).where(meta.c.key == "schema")).scalar()
             if found is None:
                 conn.execute(insert(meta).values(key="schema", value=SCHEMA_VERSION))
@@ -320,6 +323,7 @@ class ReadModel:
         """Record which source feeds this read model; refuse a second, different one (two
         sources would count every event twice)."""
         with self.engine.begin() as conn:
+            _serialize(conn, SCHEMA_LOCK)
             found = conn.execute(select(meta.c.value).where(meta.c.key == "source")).scalar()
             if found is None:
                 conn.execute(insert(meta).values(key="source", value=source))
@@ -432,7 +436,13 @@ class ReadModel:
         A delta recorded at or before an existing boundary (clocks of concurrent writers, or
         the Kafka runner's partitions, interleave) is added to every snapshot at or after it.
         A new snapshot is cut after SNAPSHOT_EVERY deltas.
+
+        Several Kafka runners (one consumer group) may write one read model, so the snapshot
+        bookkeeping is read again under a lock in every transaction: a boundary another
+        worker cut since this one's last flush must get this batch's earlier deltas too.
         """
+        _serialize(conn, SNAPSHOT_LOCK)
+        self._deltas_since_snapshot = None
         times = [_time(d["recorded_at"]) for d in deltas]
         if self._deltas_since_snapshot is None:
             last = utc(conn.execute(select(func.max(census_boundaries.c.boundary))).scalar())
@@ -487,6 +497,19 @@ class ReadModel:
         """After a failed transaction: re-read snapshot bookkeeping from the database."""
         self._deltas_since_snapshot = None
         self._last_boundary = None
+
+
+#: PostgreSQL advisory-lock keys (transaction scope) for writers sharing one read model.
+SCHEMA_LOCK = 0x636F6E74_0001
+SNAPSHOT_LOCK = 0x636F6E74_0002
+
+
+def _serialize(conn: Connection, key: int) -> None:
+    """Hold `key` until this transaction ends. PostgreSQL only: a SQLite write transaction
+    (BEGIN IMMEDIATE, see adapters/sql/database.py) already holds the database's one write
+    lock."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
 
 
 def census_totals(

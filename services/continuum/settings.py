@@ -65,6 +65,10 @@ class Settings(BaseSettings):
     api_host: str = Field(default="127.0.0.1", description="Address `continuum serve` binds.")
     api_port: int = Field(default=8080, ge=1, le=65535)
     api_workers: int = Field(default=1, ge=1, le=64)
+    metrics_kafka: bool = Field(
+        default=False,
+        description="GET /metrics also asks Kafka for the ingest dead-letter topic's depth.",
+    )
     api_max_body_bytes: int = Field(
         default=65_536, ge=1_024, le=16_777_216, description="Larger request bodies get 413."
     )

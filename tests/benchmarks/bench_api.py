@@ -201,7 +201,9 @@ def main() -> None:
         keys = seed(service, args.patients)
         say("building the read models")
         t0 = time.perf_counter()
-        StoreRunner(store, ReadModel(engine), policies).run()
+        model = ReadModel(engine)
+        model.create()
+        StoreRunner(store, model, policies).run()
         say(f"  projected {store.head_position():,} events in {time.perf_counter() - t0:.1f} s")
 
         key_file = Path(tmp) / "dev-issuer.pem"

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID, uuid4
 
+from continuum.application.observe import CommandObserver, NoObserver
 from continuum.application.ports import AppendResult, EventStore
 from continuum.domain import commands as c
 from continuum.domain import patient as p
-from continuum.domain.errors import ConcurrencyConflict, UnknownPatient
+from continuum.domain.errors import ConcurrencyConflict, ContinuumError, UnknownPatient
 from continuum.domain.policy import Policy, PolicyRegistry
 from continuum_events import Actor, ActorRole, PatientEvent, parse_event
 
@@ -32,6 +33,12 @@ def new_patient_key(token: bytes | None = None) -> str:
     """A random pseudonymous key: 'pk-' and 20 base32 characters (100 bits)."""
     raw = token if token is not None else secrets.token_bytes(15)
     return "pk-" + base64.b32encode(raw).decode("ascii").lower()[:20]
+
+
+def unknown_patient(stream_id: str) -> UnknownPatient:
+    return UnknownPatient(
+        f"no patient with key {stream_id}", field="patient_key", patient=stream_id
+    )
 
 
 @dataclass(frozen=True)
@@ -60,22 +67,60 @@ _DECIDERS: dict[
 
 
 class PatientService:
-    def __init__(self, store: EventStore, policies: PolicyRegistry, clock: Clock = utc_now) -> None:
+    def __init__(
+        self,
+        store: EventStore,
+        policies: PolicyRegistry,
+        clock: Clock = utc_now,
+        *,
+        observer: CommandObserver | None = None,
+    ) -> None:
         self.store = store
         self.policies = policies
         self.clock = clock
+        #: Told of every command accepted or refused (metrics); does nothing by default.
+        self.observer: CommandObserver = observer or NoObserver()
 
     # -- commands ---------------------------------------------------------------------------
 
-    def handle(self, command: c.Command, ctx: CommandContext | None = None) -> AppendResult:
-        ctx = ctx or CommandContext()
+    def handle(
+        self,
+        command: c.Command,
+        ctx: CommandContext | None = None,
+        *,
+        authorize: Callable[[p.PatientState], None] | None = None,
+    ) -> AppendResult:
+        """Decide `command` on the patient's current state and append the outcome.
+
+        `authorize`, if given, is called with the state loaded for the decision (also before
+        an idempotent replay is returned) and may raise to refuse: a caller that must check
+        the patient's site reads the stream once, not twice."""
+        name = type(command).__name__
+        try:
+            result = self._handle(command, ctx or CommandContext(), authorize)
+        except ContinuumError as exc:
+            self.observer.refused(name, exc.rule)
+            raise
+        self.observer.handled(name, replayed=result.replayed)
+        return result
+
+    def _handle(
+        self,
+        command: c.Command,
+        ctx: CommandContext,
+        authorize: Callable[[p.PatientState], None] | None,
+    ) -> AppendResult:
         fingerprint = _fingerprint(command)
         if ctx.idempotency_key is not None:
             prior = self.store.find_idempotent(ctx.idempotency_key, fingerprint)
             if prior is not None:
+                if authorize is not None:
+                    authorize(self.load(prior.stream_id))
                 return prior
         stream_id = getattr(command, "patient_key", None) or new_patient_key()
         state = self.load(stream_id)
+        if authorize is not None:
+            authorize(state)
         if command.expected_version is not None and command.expected_version != state.version:
             raise ConcurrencyConflict(stream_id, command.expected_version, state.version)
         policy = self.policy_for(state, command)
@@ -102,9 +147,7 @@ class PatientService:
     def history(self, stream_id: str) -> list[PatientEvent]:
         events = self.store.read_stream(stream_id)
         if not events:
-            raise UnknownPatient(
-                f"no patient with key {stream_id}", field="patient_key", patient=stream_id
-            )
+            raise unknown_patient(stream_id)
         return events
 
     def policy_for(self, state: p.PatientState, command: c.Command) -> Policy:

@@ -1,12 +1,14 @@
 """The continuum state machine, built from a policy document with the `transitions` library.
 
 One `Machine` per policy version, shared by every patient (`model=None`). Commands ask
-`may_trigger` on a throw-away probe; replay sets the recorded state with `set_state`, so guards
+`may_trigger` on a throw-away probe (once per state and trigger: the machine never changes after
+it is built, so the answer is kept); replay sets the recorded state with `set_state`, so guards
 and callbacks never re-run on history.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from transitions import Machine
@@ -50,14 +52,24 @@ class PolicyMachine:
             self._machine.add_transition(f"move:{dest}", sources_, dest)
         levels: list[Any] = list(self.level_states)
         self._machine.add_transition("discharge", levels, self.terminal)
+        # `transitions` is not thread-safe: adding and removing probes is serialized, and each
+        # answer is computed once (the HTTP API decides commands on many threads).
+        self._answers: dict[tuple[str, str], bool] = {}
+        self._lock = threading.Lock()
 
     def may(self, state: str, trigger: str) -> bool:
-        probe = _Probe(state)
-        self._machine.add_model(probe, initial=state)
-        try:
-            return probe.ask(trigger)
-        finally:
-            self._machine.remove_model(probe)
+        answer = self._answers.get((state, trigger))
+        if answer is not None:
+            return answer
+        with self._lock:
+            probe = _Probe(state)
+            self._machine.add_model(probe, initial=state)
+            try:
+                answer = probe.ask(trigger)
+            finally:
+                self._machine.remove_model(probe)
+            self._answers[(state, trigger)] = answer
+        return answer
 
     def set_state(self, model: object, state: str) -> None:
         """Put `model` into `state` without running guards or callbacks (replay)."""

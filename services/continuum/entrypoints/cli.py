@@ -30,6 +30,7 @@ from continuum.bootstrap import App, bootstrap
 from continuum.domain import commands as c
 from continuum.domain import errors as e
 from continuum.entrypoints.consent_cli import register as register_consent
+from continuum.entrypoints.doctor_cli import doctor
 from continuum.entrypoints.ingest_cli import ingest
 from continuum.entrypoints.projections_cli import (
     audit_app,
@@ -819,6 +820,7 @@ app.command()(replay)
 app.add_typer(audit_app, name="audit")
 app.add_typer(token_app, name="token")
 register_consent(app)
+app.command()(doctor)
 
 
 def _level_of(result: AppendResult) -> str:

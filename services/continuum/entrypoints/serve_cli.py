@@ -8,6 +8,7 @@ and pass `--no-project` when the API runs as several processes on several machin
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
 from typing import Annotated
 
@@ -46,6 +47,7 @@ def serve(
         bind_host = host or settings.api_host
         bind_port = port or settings.api_port
         count = workers or settings.api_workers
+        metrics_dir = _multiprocess_metrics() if count > 1 else None
         stop = threading.Event()
         follower = _start_projector(application, stop) if project else None
         err.print(
@@ -68,6 +70,21 @@ def serve(
             stop.set()
             if follower is not None:
                 follower.join(timeout=30)
+            if metrics_dir is not None:
+                metrics_dir.cleanup()
+
+
+def _multiprocess_metrics() -> tempfile.TemporaryDirectory[str] | None:
+    """Several worker processes: their Prometheus counters go to files in one directory that
+    GET /metrics sums (prometheus_client multiprocess mode). An operator's own
+    PROMETHEUS_MULTIPROC_DIR is used as it is (it must be emptied between runs)."""
+    from continuum.entrypoints.http.metrics import MULTIPROC_ENV
+
+    if os.environ.get(MULTIPROC_ENV):
+        return None
+    directory = tempfile.TemporaryDirectory(prefix="continuum-metrics-")
+    os.environ[MULTIPROC_ENV] = directory.name
+    return directory
 
 
 def _start_projector(application: object, stop: threading.Event) -> threading.Thread | None:

@@ -16,8 +16,11 @@ from continuum.bootstrap import App, bootstrap
 from continuum.entrypoints.http import problems
 from continuum.entrypoints.http.context import ApiContext, Verifier
 from continuum.entrypoints.http.deps import strict_query
+from continuum.entrypoints.http.metrics import install as install_metrics
 from continuum.entrypoints.http.middleware import RequestGuard
 from continuum.entrypoints.http.routes import consents, operations, patients, reports
+from continuum.entrypoints.web import PREFIX as CONSOLE
+from continuum.entrypoints.web import install as install_console
 from continuum.settings import Settings
 
 DESCRIPTION = """\
@@ -75,7 +78,13 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.include_router(consents.router)
     app.include_router(reports.router)
     app.include_router(operations.router)
-    app.add_middleware(RequestGuard, max_body_bytes=ctx.app.settings.api_max_body_bytes)
+    install_metrics(app, ctx)
+    install_console(app)
+    app.add_middleware(
+        RequestGuard,
+        max_body_bytes=ctx.app.settings.api_max_body_bytes,
+        form_paths=(f"{CONSOLE}/",),
+    )
     return app
 
 

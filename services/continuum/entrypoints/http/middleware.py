@@ -17,12 +17,17 @@ from continuum.entrypoints.http.problems import PROBLEM_JSON, TITLES, TYPE_BASE
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9\-]{1,64}$")
 _JSON = re.compile(r"^application/(?:[a-z0-9.+\-]+\+)?json$")
 _WITH_BODY = {"POST", "PUT", "PATCH"}
+_FORM = "application/x-www-form-urlencoded"
 
 
 class RequestGuard:
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_body_bytes: int, form_paths: tuple[str, ...] = ()
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        #: Path prefixes whose POSTs may be HTML forms (the web console); the API takes JSON.
+        self.form_paths = form_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -66,7 +71,8 @@ class RequestGuard:
                 )
                 return
             media = headers.get("content-type", "").split(";")[0].strip().lower()
-            if body and not _JSON.match(media):
+            is_form = media == _FORM and str(scope.get("path", "")).startswith(self.form_paths)
+            if body and not _JSON.match(media) and not is_form:
                 await self._reject(
                     scope,
                     send_with_id,

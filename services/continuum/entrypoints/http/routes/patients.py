@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -22,7 +22,7 @@ from continuum.application.access import (
     require_any_site,
 )
 from continuum.application.ports import AppendResult
-from continuum.application.service import CommandContext
+from continuum.application.service import CommandContext, unknown_patient
 from continuum.domain import commands as c
 from continuum.domain.errors import Duplicate
 from continuum.domain.patient import PatientState
@@ -185,9 +185,12 @@ def _handle(
     caller: Principal,
     command: c.Command,
     idempotency: str | None,
+    authorize: Callable[[PatientState], None] | None = None,
 ) -> AppendResult:
     return ctx.app.service.handle(
-        command, CommandContext(actor=actor_of(caller), idempotency_key=idempotency)
+        command,
+        CommandContext(actor=actor_of(caller), idempotency_key=idempotency),
+        authorize=authorize,
     )
 
 
@@ -215,14 +218,16 @@ def _command(
                 rule="idempotency.key_reused",
                 field="Idempotency-Key",
             )
-    state = ctx.app.service.load(key)
-    if not state.exists:
-        ctx.app.service.history(key)  # raises the 404
-    require(caller, permission, site=state.site)
-    if target_site is not None:
-        require(caller, permission, site=target_site)
+
+    def authorize(state: PatientState) -> None:
+        if not state.exists:
+            raise unknown_patient(key)
+        require(caller, permission, site=state.site)
+        if target_site is not None:
+            require(caller, permission, site=target_site)
+
     command = body.to_command(kind, patient_key=key, expected_version=expected)
-    return _result(_handle(ctx, caller, command, idempotency), response)
+    return _result(_handle(ctx, caller, command, idempotency, authorize), response)
 
 
 # -- routes ----------------------------------------------------------------------------------
