@@ -127,17 +127,16 @@ class Census:
 def current_census(
     conn: Connection, *, capacity: Capacity | None = None, level_order: Sequence[str] = ()
 ) -> Census:
-    p = rm.patients
-    rows = conn.execute(
-        select(p.c.level, p.c.site, p.c.program, p.c.age_group, func.count())
-        .where(p.c.active.is_(True))
-        .group_by(p.c.level, p.c.site, p.c.program, p.c.age_group)
-    ).all()
-    counts = {(r[0], r[1], r[2] or "", r[3]): int(r[4]) for r in rows}
-    position = conn.execute(select(func.max(p.c.position))).scalar()
+    # The store runner's checkpoint is the log position the read model reflects; a read model
+    # fed from Kafka has per-partition offsets instead, so the highest position it applied.
+    position = conn.execute(
+        select(rm.checkpoints.c.position).where(rm.checkpoints.c.name == rm.STORE_CHECKPOINT)
+    ).scalar()
+    if position is None:
+        position = conn.execute(select(func.max(rm.patients.c.position))).scalar()
     return Census(
         as_of=dt.datetime.now(dt.UTC),
-        counts=counts,
+        counts=rm.census_now(conn),
         position=int(position) if position is not None else 0,
         capacity=capacity,
         level_order=level_order,

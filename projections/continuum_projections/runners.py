@@ -28,9 +28,8 @@ from continuum.application.ports import EventStore
 from continuum.domain.policy import PolicyRegistry
 from continuum_projections.fold import ContinuumFold, Event, decode, parse_time
 from continuum_projections.policyview import PolicyViews
-from continuum_projections.readmodel import ReadModel
+from continuum_projections.readmodel import STORE_CHECKPOINT, ReadModel
 
-STORE_CHECKPOINT = "store"
 #: A batch is written once it holds this many row changes, however few events made them
 #: (bounds memory: about 2 KB a row).
 MAX_BATCH_ROWS = 100_000

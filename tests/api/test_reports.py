@@ -122,4 +122,21 @@ def test_health(sqlite_api: Api) -> None:
     assert lagging.status_code == 503
     assert "continuum project --follow" in lagging.json()["problems"][0]
     api.project()
-    assert api.client.get("/health/ready").status_code == 200
+    ready = api.client.get("/health/ready")
+    assert ready.status_code == 200
+    assert ready.json()["projection_source"] == "store"
+
+
+def test_readiness_of_read_models_fed_from_kafka_does_not_measure_them_against_the_store(
+    sqlite_api: Api,
+) -> None:
+    api = sqlite_api
+    api.ctx.read_model.claim("kafka:continuum.events")
+    _cohort(api)
+    api.ctx.app.settings.api_max_projection_lag = 0
+    ready = api.client.get("/health/ready")
+    assert ready.status_code == 200, ready.text
+    body = ready.json()
+    assert body["projection_source"] == "kafka:continuum.events"
+    assert body["projection_lag"] is None
+    assert body["head_position"] == api.head() > 0

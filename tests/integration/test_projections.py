@@ -369,6 +369,18 @@ def test_census_as_of_equals_a_replay_to_that_moment(
         first = conn.execute(text("SELECT min(recorded_at) FROM events")).scalar()
         last = conn.execute(text("SELECT max(recorded_at) FROM events")).scalar()
     assert snapshots and snapshots > 3
+    with sqlite_engine.connect() as conn:
+        # The current census (latest snapshot plus later deltas) counts the active patients.
+        active = conn.execute(
+            text(
+                "SELECT level, site, coalesce(program, ''), age_group, count(*) FROM rm_patients"
+                " WHERE active GROUP BY 1, 2, 3, 4"
+            )
+        ).all()
+        assert reports.current_census(conn).counts == {
+            (r[0], r[1], r[2], r[3]): r[4] for r in active
+        }
+        assert reports.current_census(conn).position == store.head_position()
     start, end = (
         rm.utc(dt.datetime.fromisoformat(str(first))),
         rm.utc(dt.datetime.fromisoformat(str(last))),

@@ -655,3 +655,33 @@ def test_oidc_verifier_refuses_insecure_urls() -> None:
         OidcVerifier("http://login.example.org", AUDIENCE)
     with pytest.raises(ValueError, match="jwks_url"):
         OidcVerifier("https://login.example.org", AUDIENCE, jwks_url="http://keys.example.org/")
+
+
+# -- the cache of verified tokens -------------------------------------------------------------
+
+
+def test_a_cached_token_is_refused_once_it_expires(issuer: DevIssuer) -> None:
+    verifier = issuer.verifier(leeway_seconds=0)
+    token = _sign(issuer, _claims(exp=int(time.time()) + 2))
+    assert verifier.verify(token).subject == "synthetic-user-1"
+    assert verifier.verify(token).subject == "synthetic-user-1"  # from the cache
+    time.sleep(3.1)  # past exp: the cache never outlives the token
+    _refused(verifier, token, "expired")
+
+
+def test_a_cached_token_does_not_vouch_for_an_altered_copy(issuer: DevIssuer) -> None:
+    verifier = issuer.verifier()
+    token = _sign(issuer, _claims(sub="synthetic-user-7"))
+    assert verifier.verify(token).subject == "synthetic-user-7"
+    header, _payload, signature = token.split(".")
+    forged = _b64(json.dumps({**_claims(sub="synthetic-user-7"), "role": "admin"}).encode())
+    _refused(verifier, f"{header}.{forged}.{signature}", "signature")
+
+
+def test_the_cache_of_verified_tokens_is_bounded(issuer: DevIssuer) -> None:
+    verifier = issuer.verifier()
+    verifier.CACHE_ENTRIES = 3
+    tokens = [_sign(issuer, _claims(sub=f"synthetic-user-{n}")) for n in range(7)]
+    for n, token in enumerate(tokens):
+        assert verifier.verify(token).subject == f"synthetic-user-{n}"
+        assert 1 <= len(verifier._verified) <= 3

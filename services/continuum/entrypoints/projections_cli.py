@@ -632,8 +632,8 @@ def projection_check(application: App) -> list[Finding]:
     from continuum.adapters.sql.database import create_database_engine
     from continuum.application.verify import Finding
     from continuum_projections.compare import diff_read_models
-    from continuum_projections.readmodel import ReadModel
-    from continuum_projections.runners import STORE_CHECKPOINT, StoreRunner
+    from continuum_projections.readmodel import STORE_CHECKPOINT, ReadModel
+    from continuum_projections.runners import StoreRunner
 
     with _read_model(application) as live:
         source = live.source()

@@ -231,6 +231,15 @@ _INSERT_IDEMPOTENCY = insert(t.idempotency_keys).values(
     recorded_at=bindparam("recorded_at", type_=DateTime(timezone=True)),
 )
 
+#: One patient's events in version order (built once: constructing a select per call cost
+#: more than running it).
+_READ_STREAM = (
+    select(*_EVENT_COLUMNS, t.event_log.c.position)
+    .select_from(t.events.outerjoin(t.event_log, t.event_log.c.row_id == t.events.c.row_id))
+    .where(t.events.c.stream_id == bindparam("stream_id"))
+    .order_by(t.events.c.stream_version)
+)
+
 _READ_WIRE = text(
     """
     SELECT l.position, e.row_id, e.stream_id, e.event_id, e.event_type, e.schema_version, e.body
@@ -631,14 +640,8 @@ class SqlEventStore(EventStore):
     # -- reading ----------------------------------------------------------------------------
 
     def read_stream(self, stream_id: str) -> list[PatientEvent]:
-        query = (
-            select(*_EVENT_COLUMNS, t.event_log.c.position)
-            .select_from(t.events.outerjoin(t.event_log, t.event_log.c.row_id == t.events.c.row_id))
-            .where(t.events.c.stream_id == stream_id)
-            .order_by(t.events.c.stream_version)
-        )
         with self._reader() as conn:
-            return [_from_row(row) for row in conn.execute(query)]
+            return [_from_row(row) for row in conn.execute(_READ_STREAM, {"stream_id": stream_id})]
 
     def read_all(self, after: int = 0, limit: int = 1000) -> list[PatientEvent]:
         self.sequence()

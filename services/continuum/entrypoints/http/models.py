@@ -277,5 +277,9 @@ class Readiness(BaseModel):
     schema_revision: str | None = None
     head_position: int | None = None
     relay_lag: int | None = None
+    #: What feeds the read models ("store", "kafka:TOPIC"); null before the first run.
+    projection_source: str | None = None
+    #: Events the read models are behind the store; null when they are fed from Kafka (the
+    #: consumer group's lag applies: `continuum doctor`, /metrics).
     projection_lag: int | None = None
     problems: list[str] = Field(default_factory=list)

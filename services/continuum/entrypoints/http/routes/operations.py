@@ -140,6 +140,11 @@ def ready(ctx: Ctx) -> JSONResponse:
         readiness.relay_lag = max(
             0, head - SqlCheckpoints(ctx.app.engine).get(f"relay:{ctx.app.settings.events_topic}")
         )
+        readiness.projection_source = source = ctx.read_model.source()
+        if source is not None and source.startswith("kafka:"):
+            # Fed from the topic by a consumer group: the lag is the group's, per partition
+            # (`continuum doctor`, /metrics), not a distance from the store's head.
+            return _readiness(readiness, problems)
         readiness.projection_lag = max(0, head - ctx.read_model.checkpoint("store"))
         limit = ctx.app.settings.api_max_projection_lag
         if readiness.projection_lag > limit:
@@ -149,6 +154,10 @@ def ready(ctx: Ctx) -> JSONResponse:
             )
     except Exception as exc:  # readiness reports every failure instead of raising
         problems.append(f"database: {type(exc).__name__}: {str(exc)[:200]}")
+    return _readiness(readiness, problems)
+
+
+def _readiness(readiness: m.Readiness, problems: list[str]) -> JSONResponse:
     readiness.problems = problems
     readiness.ready = not problems
     return JSONResponse(readiness.model_dump(mode="json"), status_code=200 if not problems else 503)
