@@ -19,7 +19,7 @@ from kafka.errors import KafkaError, KafkaTimeoutError
 
 from continuum.adapters.kafka import clients
 from continuum.adapters.kafka.errors import BrokerUnavailable, TopicProblem
-from continuum.adapters.kafka.publisher import headers_for
+from continuum.adapters.kafka.publisher import headers_for, report_wait
 from continuum.application.disclosure import (
     PART2_NOTICE,
     Delivery,
@@ -27,7 +27,6 @@ from continuum.application.disclosure import (
     FoundMessage,
     Outgoing,
 )
-from continuum.application.relay import PublishInterrupted
 from continuum.settings import Settings
 
 log = logging.getLogger("continuum.disclosure")
@@ -104,18 +103,7 @@ class KafkaDisclosureChannel(DisclosureChannel):
                 waited_since = self._report_wait(waited_since, "acknowledgements", stop)
 
     def _report_wait(self, since: float | None, what: str, stop: threading.Event) -> float:
-        if stop.is_set():
-            raise PublishInterrupted(f"stopped while waiting for {what}")
-        now = time.monotonic()
-        since = since if since is not None else now
-        log.warning(
-            "waiting %.0f s for Kafka %s at %s (broker unreachable?); the producer keeps "
-            "retrying, nothing is lost",
-            now - since,
-            what,
-            self.settings.kafka_bootstrap_servers,
-        )
-        return since
+        return report_wait(log, self.settings, since, what, stop)
 
     # -- reading back -----------------------------------------------------------------------
 

@@ -38,6 +38,29 @@ def headers_for(event: WireEvent) -> list[tuple[str, bytes]]:
     ]
 
 
+def report_wait(
+    logger: logging.Logger,
+    settings: Settings,
+    since: float | None,
+    what: str,
+    stop: threading.Event,
+) -> float:
+    """While a producer waits on the broker: raise `PublishInterrupted` once `stop` is set,
+    else log how long it has waited; return when the wait began."""
+    if stop.is_set():
+        raise PublishInterrupted(f"stopped while waiting for {what}")
+    now = time.monotonic()
+    since = since if since is not None else now
+    logger.warning(
+        "waiting %.0f s for Kafka %s at %s (broker unreachable?); the producer keeps "
+        "retrying, nothing is lost",
+        now - since,
+        what,
+        settings.kafka_bootstrap_servers,
+    )
+    return since
+
+
 class KafkaPublisher(Publisher):
     def __init__(
         self,
@@ -98,18 +121,7 @@ class KafkaPublisher(Publisher):
                 waited_since = self._report_wait(waited_since, "send", stop)
 
     def _report_wait(self, since: float | None, what: str, stop: threading.Event) -> float:
-        if stop.is_set():
-            raise PublishInterrupted(f"stopped while waiting for {what}")
-        now = time.monotonic()
-        since = since if since is not None else now
-        log.warning(
-            "waiting %.0f s for Kafka %s at %s (broker unreachable?); the producer keeps "
-            "retrying, nothing is lost",
-            now - since,
-            what,
-            self.settings.kafka_bootstrap_servers,
-        )
-        return since
+        return report_wait(log, self.settings, since, what, stop)
 
     def close(self) -> None:
         self.producer.close(timeout=5)

@@ -232,10 +232,18 @@ _INSERT_IDEMPOTENCY = insert(t.idempotency_keys).values(
 )
 
 #: One patient's events in version order (built once: constructing a select per call cost
-#: more than running it).
+#: more than running it). The position comes from a correlated subquery, not a join: once the
+#: statement is prepared, PostgreSQL may keep a generic plan, and with the per-stream row
+#: estimate of a young table that plan hash-joined the whole event log (115 ms per read at
+#: 120,000 events); a subquery can only be an index probe per event.
 _READ_STREAM = (
-    select(*_EVENT_COLUMNS, t.event_log.c.position)
-    .select_from(t.events.outerjoin(t.event_log, t.event_log.c.row_id == t.events.c.row_id))
+    select(
+        *_EVENT_COLUMNS,
+        select(t.event_log.c.position)
+        .where(t.event_log.c.row_id == t.events.c.row_id)
+        .scalar_subquery()
+        .label("position"),
+    )
     .where(t.events.c.stream_id == bindparam("stream_id"))
     .order_by(t.events.c.stream_version)
 )
