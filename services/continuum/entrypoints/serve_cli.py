@@ -8,11 +8,14 @@ and pass `--no-project` when the API runs as several processes on several machin
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 import threading
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+
+APP_FACTORY = "continuum.entrypoints.http.app:app_factory"
 
 
 def serve(
@@ -34,8 +37,6 @@ def serve(
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Serve the HTTP API (OpenAPI at /openapi.json, interactive docs at /docs)."""
-    import uvicorn
-
     from continuum.entrypoints.cli import _app, _errors, err
 
     with _app() as application, _errors():
@@ -57,21 +58,43 @@ def serve(
             markup=False,
         )
         try:
-            uvicorn.run(
-                "continuum.entrypoints.http.app:app_factory",
-                factory=True,
-                host=bind_host,
-                port=bind_port,
-                workers=count,
-                log_level=log_level,
-                proxy_headers=True,
-            )
+            _run_uvicorn(bind_host, bind_port, count, log_level)
         finally:
             stop.set()
             if follower is not None:
                 follower.join(timeout=30)
             if metrics_dir is not None:
                 metrics_dir.cleanup()
+
+
+def _run_uvicorn(host: str, port: int, workers: int, log_level: str) -> None:
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    options: dict[str, Any] = {
+        "factory": True,
+        "host": host,
+        "port": port,
+        "workers": workers,
+        "log_level": log_level,
+        "proxy_headers": True,
+    }
+    if workers == 1:
+        uvicorn.run(APP_FACTORY, **options)
+        return
+    # What uvicorn.run does for several workers, but with a listening socket whose protocol is
+    # TCP: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on connections accepted from
+    # such a socket, and uvicorn's own (protocol 0) left every keep-alive response's body
+    # waiting about 40 ms for the client's delayed ACK of its headers.
+    config = uvicorn.Config(APP_FACTORY, **options)
+    Multiprocess(config, sockets=[tcp_listener(config.bind_socket())]).run()
+
+
+def tcp_listener(sock: socket.socket) -> socket.socket:
+    """The same listening socket, declared as TCP (IPPROTO_TCP) when it is an IP socket."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.proto:
+        return sock
+    return socket.socket(sock.family, sock.type, socket.IPPROTO_TCP, fileno=sock.detach())
 
 
 def _multiprocess_metrics() -> tempfile.TemporaryDirectory[str] | None:
