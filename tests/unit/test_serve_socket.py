@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -34,7 +35,10 @@ def _nodelay_of_accepted(listener: socket.socket) -> int:
             server.close()
             await server.wait_closed()
 
-    return asyncio.run(main())
+    # A thread of its own: another test (Playwright's sync API) may have left an event loop
+    # running in this one.
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(lambda: asyncio.run(main())).result(timeout=30)
 
 
 def _bound() -> socket.socket:

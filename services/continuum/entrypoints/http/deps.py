@@ -24,7 +24,13 @@ _ETAG = re.compile(r'^(?:W/)?"?(\d{1,9})"?$')
 _IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9._:\-]{1,100}$")
 
 
-def context(request: Request) -> ApiContext:
+# Dependencies that only read the request are `async`: FastAPI runs a plain `def` dependency
+# in its thread pool, and those hops (a queue, a thread wake-up, the GIL handed back and forth)
+# cost more than the work. `principal` stays in the pool: verifying a token may fetch the
+# issuer's keys over the network.
+
+
+async def context(request: Request) -> ApiContext:
     ctx: ApiContext = request.app.state.ctx
     return ctx
 
@@ -51,7 +57,7 @@ def principal(
 Caller = Annotated[Principal, Depends(principal)]
 
 
-def purpose(
+async def purpose(
     x_purpose_of_use: Annotated[
         PurposeOfUse | None,
         Header(description="Why the data is read (HL7 PurposeOfUse); a default per role."),
@@ -63,7 +69,7 @@ def purpose(
 Purpose = Annotated[PurposeOfUse | None, Depends(purpose)]
 
 
-def expected_version(
+async def expected_version(
     if_match: Annotated[
         str | None,
         Header(description='The patient version the change is based on: the ETag, e.g. "3".'),
@@ -83,7 +89,7 @@ def expected_version(
 ExpectedVersion = Annotated[int | None, Depends(expected_version)]
 
 
-def idempotency_key(
+async def idempotency_key(
     caller: Caller,
     idempotency_key: Annotated[
         str | None,
@@ -136,7 +142,7 @@ def _query_names(dependant: Any) -> tuple[set[str], set[str]]:
     return names, lists
 
 
-def strict_query(request: Request) -> None:
+async def strict_query(request: Request) -> None:
     """Refuse query parameters a route does not declare, and a scalar one given twice: a typo
     (`?flaged=true`) must not silently return everything."""
     route = request.scope.get("route")
