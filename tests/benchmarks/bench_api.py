@@ -5,6 +5,8 @@ Run it directly (pytest does not collect it):
 
     .venv/bin/python tests/benchmarks/bench_api.py            # 100,000 patients, ~5 minutes
     .venv/bin/python tests/benchmarks/bench_api.py --quick    # 10,000 patients
+    .venv/bin/python tests/benchmarks/bench_api.py --schema bench_api_kept   # seed once, reuse
+    # options: --patients N, --transitions N, --clients N, --census-requests N, --port P
 
 Targets (issue 5): >= 500 transition commands/s with p99 <= 100 ms; census p99 <= 50 ms.
 
