@@ -685,3 +685,11 @@ def test_the_cache_of_verified_tokens_is_bounded(issuer: DevIssuer) -> None:
     for n, token in enumerate(tokens):
         assert verifier.verify(token).subject == f"synthetic-user-{n}"
         assert 1 <= len(verifier._verified) <= 3
+
+
+def test_a_cached_token_is_refused_once_its_key_leaves_the_key_set(issuer: DevIssuer) -> None:
+    verifier = issuer.verifier()
+    token = _sign(issuer, _claims(sub="synthetic-user-9"))
+    assert verifier.verify(token).subject == "synthetic-user-9"
+    verifier.keys = StaticKeys({"rotated-2032": _rsa_key().public_key()})
+    _refused(verifier, token, "unknown_key")

@@ -396,10 +396,13 @@ class JwtVerifier:
         self.audience = audience
         self.leeway_seconds = leeway_seconds
         self.role_claim = role_claim
-        #: Tokens that verified, with when to verify them again: a client sends the same
-        #: token with every request, and decoding and checking it is a large part of a
-        #: command's CPU. Kept at most `CACHE_SECONDS` and never past the token's `exp`.
-        self._verified: dict[str, tuple[Principal, float]] = {}
+        #: Tokens that verified: a client sends the same token with every request, and
+        #: decoding and checking it is a large part of a command's CPU. An entry holds the
+        #: principal, when to verify again (at most `CACHE_SECONDS` on, never past `exp`), and
+        #: the key id and key that signed it: each hit asks the key set again (a dict lookup
+        #: while its cache is fresh), so a withdrawn key stops its tokens as soon as the key
+        #: set drops it, as without this cache.
+        self._verified: dict[str, tuple[Principal, float, str | None, rsa.RSAPublicKey]] = {}
 
     CACHE_SECONDS = 30.0
     CACHE_ENTRIES = 4096
@@ -408,15 +411,15 @@ class JwtVerifier:
         """The principal of a valid token; `NotAuthenticated` naming the reason otherwise."""
         now = time.time()
         hit = self._verified.get(token) if isinstance(token, str) else None
-        if hit is not None and now < hit[1]:
+        if hit is not None and now < hit[1] and self.keys.key(hit[2]) is hit[3]:
             return hit[0]
-        principal, expires = self._verify(token)
+        principal, expires, kid, key = self._verify(token)
         if len(self._verified) >= self.CACHE_ENTRIES:
             self._verified.clear()
-        self._verified[token] = (principal, min(expires, now + self.CACHE_SECONDS))
+        self._verified[token] = (principal, min(expires, now + self.CACHE_SECONDS), kid, key)
         return principal
 
-    def _verify(self, token: str) -> tuple[Principal, float]:
+    def _verify(self, token: str) -> tuple[Principal, float, str | None, rsa.RSAPublicKey]:
         if not isinstance(token, str) or not token.strip():
             raise _refuse(
                 "missing", "no bearer token was given (Authorization: Bearer <JWT>)", "token"
@@ -442,7 +445,8 @@ class JwtVerifier:
                 "alg",
             )
         kid = header.get("kid")
-        key = self.keys.key(kid if isinstance(kid, str) else None)
+        kid = kid if isinstance(kid, str) else None
+        key = self.keys.key(kid)
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
@@ -510,7 +514,8 @@ class JwtVerifier:
             raise _refuse(
                 "malformed", f"the bearer token is invalid ({type(exc).__name__})"
             ) from None
-        return principal_from_claims(claims, role_claim=self.role_claim), float(claims["exp"])
+        principal = principal_from_claims(claims, role_claim=self.role_claim)
+        return principal, float(claims["exp"]), kid, key
 
 
 def _later_than(value: Any, limit: float) -> bool:
