@@ -3,7 +3,7 @@ and census latency with 100,000 active patients. PostgreSQL, the real `continuum
 
 Run it directly (pytest does not collect it):
 
-    .venv/bin/python tests/benchmarks/bench_api.py            # 100,000 patients, ~5 minutes
+    .venv/bin/python tests/benchmarks/bench_api.py            # 100,000 patients, ~8 minutes
     .venv/bin/python tests/benchmarks/bench_api.py --quick    # 10,000 patients
     .venv/bin/python tests/benchmarks/bench_api.py --schema bench_api_kept   # seed once, reuse
     # options: --patients N, --transitions N, --clients N, --census-requests N, --port P
