@@ -265,8 +265,6 @@ class ReadModel:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._deltas_since_snapshot: int | None = None
-        self._last_boundary: dt.datetime | None = None
 
     # -- schema -------------------------------------------------------------------------------
 
@@ -345,8 +343,6 @@ class ReadModel:
     def reset(self) -> None:
         """Drop and recreate every read-model table (the log itself is untouched)."""
         metadata.drop_all(self.engine)
-        self._deltas_since_snapshot = None
-        self._last_boundary = None
         self.create()
 
     def exists(self) -> bool:
@@ -445,19 +441,14 @@ class ReadModel:
         worker cut since this one's last flush must get this batch's earlier deltas too.
         """
         _serialize(conn, SNAPSHOT_LOCK)
-        self._deltas_since_snapshot = None
         times = [_time(d["recorded_at"]) for d in deltas]
-        if self._deltas_since_snapshot is None:
-            last = utc(conn.execute(select(func.max(census_boundaries.c.boundary))).scalar())
-            since = select(func.count()).select_from(census_deltas)
-            if last is not None:
-                since = since.where(census_deltas.c.recorded_at > last)
-            in_db = int(conn.execute(since).scalar() or 0)
-            self._deltas_since_snapshot = in_db - len(
-                [t for t in times if last is None or t > last]
-            )
-            self._last_boundary = last
-        last = self._last_boundary
+        last = utc(conn.execute(select(func.max(census_boundaries.c.boundary))).scalar())
+        since = select(func.count()).select_from(census_deltas)
+        if last is not None:
+            since = since.where(census_deltas.c.recorded_at > last)
+        fresh = sorted(t for t in times if last is None or t > last)
+        # Deltas after the last boundary, not counting this batch's (already inserted).
+        pending = int(conn.execute(since).scalar() or 0) - len(fresh)
         if last is not None:
             for d, recorded in zip(deltas, times, strict=True):
                 if recorded > last:
@@ -469,8 +460,6 @@ class ReadModel:
                 ).scalars()
                 for boundary in boundaries:
                     _add_to_snapshot(conn, boundary, d)
-        fresh = sorted(t for t in times if last is None or t > last)
-        pending = self._deltas_since_snapshot
         taken = 0  # fresh deltas inside a snapshot cut in this flush
         i = max(0, SNAPSHOT_EVERY - pending - 1)
         while i < len(fresh):
@@ -480,8 +469,6 @@ class ReadModel:
             self._cut_snapshot(conn, boundary, last, pending + i + 1 - taken)
             last, pending, taken = boundary, 0, i + 1
             i += SNAPSHOT_EVERY
-        self._last_boundary = last
-        self._deltas_since_snapshot = pending + len(fresh) - taken
 
     def _cut_snapshot(
         self, conn: Connection, boundary: dt.datetime, previous: dt.datetime | None, deltas: int
@@ -495,11 +482,6 @@ class ReadModel:
         if rows:
             conn.execute(insert(census_snapshots), rows)
         conn.execute(insert(census_boundaries).values(boundary=boundary, deltas=deltas))
-
-    def forget_cache(self) -> None:
-        """After a failed transaction: re-read snapshot bookkeeping from the database."""
-        self._deltas_since_snapshot = None
-        self._last_boundary = None
 
 
 #: PostgreSQL advisory-lock keys (transaction scope) for writers sharing one read model.

@@ -122,7 +122,6 @@ class _Base:
             # next attempt starts again from the saved checkpoint and saved patient state.
             self.fold.evict()
             self.fold.take()
-            self.model.forget_cache()
             raise
 
     def _finish(self) -> None:
