@@ -49,9 +49,8 @@ from sqlalchemy import text
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from continuum.adapters.kafka.publisher import KafkaPublisher
-from continuum.adapters.memory import InMemoryEventStore
+from continuum.adapters.memory import InMemoryCheckpoints, InMemoryEventStore
 from continuum.adapters.sql.database import create_database_engine
-from continuum.application.ports import Checkpoints
 from continuum.application.relay import Relay
 from continuum.application.service import PatientService
 from continuum.domain.policy import PolicyRegistry
@@ -95,22 +94,11 @@ def make_log(events: int, policies: PolicyRegistry) -> InMemoryEventStore:
     return store
 
 
-class _Checkpoints(Checkpoints):
-    def __init__(self) -> None:
-        self.saved: dict[str, int] = {}
-
-    def get(self, name: str) -> int:
-        return self.saved.get(name, 0)
-
-    def put(self, name: str, position: int) -> None:
-        self.saved[name] = position
-
-
 def relay_to_topic(store: InMemoryEventStore, settings: Settings, topic: str) -> None:
     publisher = KafkaPublisher(settings, topic)
     try:
         started = time.monotonic()
-        relay = Relay(store, _Checkpoints(), publisher, name="bench", batch_size=2000)
+        relay = Relay(store, InMemoryCheckpoints(), publisher, name="bench", batch_size=2000)
         sent = relay.drain()
         assert sent == store.head_position(), (sent, store.head_position())
         log(f"relayed {sent:,} events in {time.monotonic() - started:.1f} s")

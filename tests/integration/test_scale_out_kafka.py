@@ -30,9 +30,8 @@ import pytest
 from sqlalchemy import Engine
 
 from continuum.adapters.kafka.publisher import KafkaPublisher
-from continuum.adapters.memory import InMemoryEventStore
+from continuum.adapters.memory import InMemoryCheckpoints, InMemoryEventStore
 from continuum.adapters.sql.database import create_database_engine
-from continuum.application.ports import Checkpoints
 from continuum.application.relay import Relay
 from continuum.application.service import PatientService
 from continuum.domain.policy import PolicyRegistry
@@ -61,19 +60,6 @@ class Ticking(FixedClock):
     def __call__(self) -> dt.datetime:
         self.now += dt.timedelta(minutes=20)
         return self.now
-
-
-class MemoryCheckpoints(Checkpoints):
-    """The relay's checkpoint, kept in memory (the log here is an in-memory store)."""
-
-    def __init__(self) -> None:
-        self.saved: dict[str, int] = {}
-
-    def get(self, name: str) -> int:
-        return self.saved.get(name, 0)
-
-    def put(self, name: str, position: int) -> None:
-        self.saved[name] = position
 
 
 @dataclass
@@ -201,7 +187,7 @@ def test_workers_share_partitions_and_lose_or_double_count_nothing(
     publisher = KafkaPublisher(settings, topic)
     try:
         assert (
-            Relay(store, MemoryCheckpoints(), publisher, name="r", batch_size=500).drain() == head
+            Relay(store, InMemoryCheckpoints(), publisher, name="r", batch_size=500).drain() == head
         )
     finally:
         publisher.close()

@@ -11,7 +11,14 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from continuum.application.disclosure import Disclosure, DisclosureConflict, DisclosureRecord
-from continuum.application.ports import AppendResult, EventStore, LogSeals, Seal, SealConflict
+from continuum.application.ports import (
+    AppendResult,
+    Checkpoints,
+    EventStore,
+    LogSeals,
+    Seal,
+    SealConflict,
+)
 from continuum.domain.commands import Identity
 from continuum.domain.errors import ConcurrencyConflict, Duplicate
 from continuum_events import PatientEvent
@@ -125,6 +132,19 @@ class InMemoryEventStore(EventStore):
 
     def stream_ids(self) -> list[str]:
         return sorted(self._streams)
+
+
+class InMemoryCheckpoints(Checkpoints):
+    """Named positions kept in a dict: for a relay over an in-memory log (tests, benchmarks)."""
+
+    def __init__(self) -> None:
+        self.saved: dict[str, int] = {}
+
+    def get(self, name: str) -> int:
+        return self.saved.get(name, 0)
+
+    def put(self, name: str, position: int) -> None:
+        self.saved[name] = position
 
 
 class InMemoryLogSeals(LogSeals):

@@ -15,6 +15,7 @@ import re
 from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -697,29 +698,20 @@ def audit_page(
         rows = answer["rows"]
         for row in rows:
             row["flags"] = [FLAG_LABELS.get(f, f) for f in FLAGS if row.get(f)]
-    query = "&".join(
-        f"{k}={v}"
-        for k, v in (
-            ("from", start),
-            ("to", end),
-            ("flagged", flagged),
-            ("site", site),
-            ("patient_key", patient_key),
-        )
-        if v
-    )
+    filters = {
+        "from": start,
+        "to": end,
+        "flagged": flagged,
+        "site": site,
+        "patient_key": patient_key,
+    }
+    query = urlencode({k: v for k, v in filters.items() if v})
     context = {
         "title": "Step-down audit trail",
         "active": "audit",
         "rows": list(reversed(rows)),
         "problems": problems,
-        "filters": {
-            "from": start,
-            "to": end,
-            "flagged": flagged,
-            "site": site,
-            "patient_key": patient_key,
-        },
+        "filters": filters,
         "csv_url": f"{PREFIX}/audit.csv" + (f"?{query}" if query else ""),
     }
     name = "_audit_rows.html" if request.headers.get("hx-request") else "audit.html"
