@@ -12,6 +12,7 @@ none of it, so a restarted runner neither loses nor double-counts an event.
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
 import itertools
 from collections.abc import Iterable, Mapping
@@ -39,6 +40,8 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.schema import CreateTable
 
 from continuum.domain.errors import StoreNotReady
@@ -408,7 +411,15 @@ class ReadModel:
         now = dt.datetime.now(dt.UTC)
         changes = batch.changes
         with self.engine.begin() as conn:
-            write = _write_pg if conn.dialect.name == "postgresql" else _write_core
+            postgresql = conn.dialect.name == "postgresql"
+            if postgresql:
+                # A read model is rebuilt from the log, and its checkpoint commits with its
+                # rows: if the server crashes before this commit reaches disk, rows and
+                # checkpoint are lost together and the runner applies the batch again. So
+                # the commit need not wait for the WAL flush (nor hold the snapshot lock
+                # through it).
+                conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
+            write = _write_pg if postgresql else _write_core
             for name, table in ROW_TABLES.items():
                 write(conn, table, list(changes.inserts.get(name, {}).values()))
                 for fields, keyed in _group_patches(changes.patches.get(name, {})).items():
@@ -450,16 +461,9 @@ class ReadModel:
         # Deltas after the last boundary, not counting this batch's (already inserted).
         pending = int(conn.execute(since).scalar() or 0) - len(fresh)
         if last is not None:
-            for d, recorded in zip(deltas, times, strict=True):
-                if recorded > last:
-                    continue
-                boundaries = conn.execute(
-                    select(census_boundaries.c.boundary).where(
-                        census_boundaries.c.boundary >= recorded
-                    )
-                ).scalars()
-                for boundary in boundaries:
-                    _add_to_snapshot(conn, boundary, d)
+            late = [(t, d) for d, t in zip(deltas, times, strict=True) if t <= last]
+            if late:
+                _add_to_snapshots(conn, late)
         taken = 0  # fresh deltas inside a snapshot cut in this flush
         i = max(0, SNAPSHOT_EVERY - pending - 1)
         while i < len(fresh):
@@ -541,16 +545,40 @@ def census_now(conn: Connection) -> dict[tuple[str, str, str, str], int]:
     return {k: n for k, n in census_totals(conn, None, snapshot).items() if n}
 
 
-def _add_to_snapshot(conn: Connection, boundary: dt.datetime, d: Row) -> None:
-    key = {k: d[k] for k in CENSUS_KEY}
-    where = [census_snapshots.c.boundary == boundary] + [
-        census_snapshots.c[k] == v for k, v in key.items()
+def _add_to_snapshots(conn: Connection, late: list[tuple[dt.datetime, Row]]) -> None:
+    """Add deltas recorded at or before existing boundaries to every snapshot at or after
+    them: summed per (boundary, census key) in Python, then one upsert per pair (deltas of
+    interleaved partitions or writers land just behind the last boundary, so the pairs are
+    few however many deltas there are)."""
+    earliest = min(t for t, _ in late)
+    boundaries = sorted(
+        _time(b)
+        for b in conn.execute(
+            select(census_boundaries.c.boundary).where(census_boundaries.c.boundary >= earliest)
+        ).scalars()
+    )
+    sums: dict[tuple[dt.datetime, str, str, str, str], int] = {}
+    for recorded, d in late:
+        key = (d["level"], d["site"], d["program"], d["age_group"])
+        for boundary in boundaries[bisect.bisect_left(boundaries, recorded) :]:
+            pair = (boundary, *key)
+            sums[pair] = sums.get(pair, 0) + int(d["delta"])
+    if not sums:
+        return
+    rows = [
+        {"boundary": pair[0], **dict(zip(CENSUS_KEY, pair[1:], strict=True)), "count": n}
+        for pair, n in sums.items()
     ]
-    changed = conn.execute(
-        update(census_snapshots).where(*where).values(count=census_snapshots.c.count + d["delta"])
-    ).rowcount
-    if not changed:
-        conn.execute(insert(census_snapshots).values(boundary=boundary, count=d["delta"], **key))
+    upsert = (
+        pg_insert(census_snapshots)
+        if conn.dialect.name == "postgresql"
+        else sqlite_insert(census_snapshots)
+    )
+    statement = upsert.on_conflict_do_update(
+        index_elements=["boundary", *CENSUS_KEY],
+        set_={"count": census_snapshots.c.count + upsert.excluded.count},
+    )
+    conn.execute(statement, rows)
 
 
 def _datetimes(table: Table) -> frozenset[str]:

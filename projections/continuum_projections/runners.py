@@ -271,15 +271,17 @@ class KafkaRunner(_Base):
         self.poll_timeout_ms = poll_timeout_ms
         self.max_poll_records = min(max_poll_records, flush_every)
         self._assigned = threading.Event()
+        self._unsaid: dict[Any, Any] = {}  # group offsets of the batch in flight
+        self._watermarked: set[Any] = set()  # partitions whose end was checked (_reached)
         from kafka import ConsumerRebalanceListener
 
         runner = self
 
         class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
             def on_partitions_revoked(self, revoked: Any) -> None:
-                # Every batch is written before the next poll, so nothing is pending here;
-                # forget patients whose partitions may now go to another worker.
-                runner._wait()
+                # Finish the batch in flight, then forget patients whose partitions may now
+                # go to another worker.
+                runner._settle()
                 runner.fold.evict()
 
             def on_partitions_assigned(self, assigned: Any) -> None:
@@ -345,22 +347,38 @@ class KafkaRunner(_Base):
                     offsets[kafka_checkpoint(tp.topic, tp.partition)] = offset + 1
                     commits[tp] = OffsetAndMetadata(offset + 1, "", -1)
                     self.progress.position += 1
+                # The previous batch is committed once this returns; this one is written
+                # while the next poll is folded (PostgreSQL), or in line (SQLite).
+                written, self._unsaid = self._unsaid, commits
                 self._flush(offsets)
-                self._wait()  # committed before the group hears of it
-                # For operators' lag tools only (the saved offsets are the truth); a refusal
-                # after a rebalance is harmless: the partition's next owner seeks anyway.
-                with contextlib.suppress(Exception):
-                    self.consumer.commit(commits)
+                self._tell_group(written)
                 batches += 1
                 if on_progress:
                     on_progress(self.progress)
                 if max_batches is not None and batches >= max_batches:
                     break
+            else:
+                self._settle()
             if until_end and self._reached(ends):
                 break
             if idle_timeout_s is not None and time.monotonic() - idle_since > idle_timeout_s:
                 break
+        self._settle()
         return self.progress
+
+    def _settle(self) -> None:
+        """Wait for the batch in flight, then tell the group its offsets."""
+        self._wait()
+        written, self._unsaid = self._unsaid, {}
+        self._tell_group(written)
+
+    def _tell_group(self, commits: dict[Any, Any]) -> None:
+        """Commit to the group the offsets of a batch already written. For operators' lag
+        tools only (the offsets saved with the rows are the truth); a refusal after a
+        rebalance is harmless: the partition's next owner seeks anyway."""
+        if commits:
+            with contextlib.suppress(Exception):
+                self.consumer.commit(commits)
 
     def _reached(self, ends: dict[Any, int]) -> bool:
         """Every partition of the topic is projected up to the end offset it had when first
@@ -380,6 +398,19 @@ class KafkaRunner(_Base):
             ends.update(
                 self.consumer.end_offsets([TopicPartition(self.topic, p) for p in partitions])
             )
+            self.progress.target = sum(ends.values())
+        # The broker's answer to ListOffsets can be short of the true end (Tansu answers the
+        # first offset of the last batch, plus one); the high watermark that comes with every
+        # fetch is right. Each assigned partition's end is raised once to the first high
+        # watermark seen, and nothing is reached before one is known for each.
+        for tp in self.consumer.assignment():
+            if tp not in ends or tp in self._watermarked:
+                continue
+            highwater = self.consumer.highwater(tp)
+            if highwater is None:
+                return False
+            ends[tp] = max(ends[tp], highwater)
+            self._watermarked.add(tp)
             self.progress.target = sum(ends.values())
         saved = self.model.checkpoints_like(f"kafka:{self.topic}:")
         return all(
