@@ -2,7 +2,7 @@
 
 Run it directly (pytest does not collect it):
 
-    .venv/bin/python tests/benchmarks/bench_scale_out.py                 # 30,000 events
+    .venv/bin/python tests/benchmarks/bench_scale_out.py                 # 150,000 events
     .venv/bin/python tests/benchmarks/bench_scale_out.py --quick         # ~5,000 events
     # options: --events N, --partitions 6, --workers 1,3, --rounds 2,
     #          --read-model sqlite|postgresql, --pg-url URL, --flush-every N
@@ -263,7 +263,7 @@ def run_once(
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--events", type=int, default=30_000)
+    parser.add_argument("--events", type=int, default=150_000)
     parser.add_argument("--quick", action="store_true", help="about 5,000 events, 1 round")
     parser.add_argument("--partitions", type=int, default=6)
     parser.add_argument("--workers", default="1,3", help="comma-separated worker counts")
