@@ -136,3 +136,51 @@ def test_kafka_replay_as_of_uses_recorded_time(
     StoreRunner(store, live, policies).run()
     with live.engine.connect() as conn:
         assert reports.census_as_of(conn, moment).counts == replayed
+
+
+@pytest.mark.postgres
+def test_kafka_runner_into_postgresql_overlaps_writes_and_recovers_from_a_failed_batch(
+    sqlite_engine: Engine,
+    policies: PolicyRegistry,
+    kafka_broker: BrokerInfo,
+    tmp_path: Path,
+    pg_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On PostgreSQL a batch is written by the writer thread while the next poll is folded.
+    When a batch in flight fails, the runner stops with the error, nothing of that batch is
+    saved, and a new member of the group finishes into exactly the store runner's model."""
+    from tests.support import fresh_pg_schema
+
+    store = _cohort(sqlite_engine, policies)
+    head = store.head_position()
+    topic = create_topic(kafka_broker.bootstrap_servers, unique("events"), partitions=3)
+    settings = settings_for(kafka_broker.bootstrap_servers, kafka_broker)
+    assert _relay(store, sqlite_engine, settings, topic, "r") == head
+    from_store = _model(tmp_path / "store.sqlite3")
+    StoreRunner(store, from_store, policies).run()
+
+    with fresh_pg_schema(pg_url, migrate=False, prefix="kafkarm") as engine:
+        model = ReadModel(engine)
+        model.create()
+        original = ReadModel.write
+        calls: list[int] = []
+
+        def third_write_fails(self: ReadModel, batch: object, positions: object) -> None:
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("disk full (injected)")
+            original(self, batch, positions)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(ReadModel, "write", third_write_fails)
+        with pytest.raises(RuntimeError, match="disk full"):
+            _kafka_run(settings, topic, model, policies, group="pg")
+        saved = sum(model.checkpoints_like(f"kafka:{topic}:").values())
+        assert 0 < saved < head  # two batches saved, the failed one not
+
+        monkeypatch.setattr(ReadModel, "write", original)
+        runner, lag = _kafka_run(settings, topic, model, policies, group="pg")
+        assert lag == 0
+        assert runner.fold.duplicates == 0  # resumed exactly after the last saved batch
+        assert runner.progress.events == head - saved
+        assert diff_read_models(from_store.engine, engine) == []
