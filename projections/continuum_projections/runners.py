@@ -150,6 +150,9 @@ class StoreRunner(_Base):
         self.store = store
         self.page = page
         self.name = name
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="log-reader")
+        engine = getattr(store, "engine", None)
+        self._ahead = engine is not None and engine.dialect.name == "postgresql"
 
     def lag(self) -> int:
         self.store.sequence()
@@ -180,11 +183,15 @@ class StoreRunner(_Base):
         self.progress.position = after
         self.progress.target = self.store.head_position() if until is None else until
         pending = 0
+        # PostgreSQL: the next page is read by another thread while this one is folded, so
+        # the query's time on the server (an index probe per event) hides behind the fold.
+        # SQLite reads in line (in-process, and an in-memory database is per thread).
+        ahead = self._read_ahead(after, until)
         while stop is None or not stop.is_set():
-            limit = self.page if until is None else min(self.page, until - after)
-            page = self.store.read_bodies(after, limit) if limit > 0 else []
+            page = ahead.result()
             if not page:
                 break
+            ahead = self._read_ahead(page[-1][0], until)
             events = [decode(body) for _, body in page]
             self.fold.preload({event["stream_id"] for event in events})
             for (position, _), event in zip(page, events, strict=True):
@@ -201,6 +208,9 @@ class StoreRunner(_Base):
                     break
             if max_events is not None and self.progress.events >= max_events:
                 break
+        ahead.cancel()
+        with contextlib.suppress(Exception):
+            ahead.result()  # not used: read past a stop, or past the end
         if pending:
             self._flush({self.name: after})
         self._finish()
@@ -208,6 +218,21 @@ class StoreRunner(_Base):
         if on_progress:
             on_progress(self.progress)
         return self.progress
+
+    def _read_ahead(self, after: int, until: int | None) -> Future[list[tuple[int, str | bytes]]]:
+        if self._ahead:
+            return self._reader.submit(self._page, after, until)
+        done: Future[list[tuple[int, str | bytes]]] = Future()
+        done.set_result(self._page(after, until))
+        return done
+
+    def _page(self, after: int, until: int | None) -> list[tuple[int, str | bytes]]:
+        limit = self.page if until is None else min(self.page, until - after)
+        return self.store.read_bodies(after, limit) if limit > 0 else []
+
+    def close(self) -> None:
+        super().close()
+        self._reader.shutdown(wait=True)
 
     def follow(
         self,
