@@ -17,7 +17,9 @@ Targets (issue 5): >= 500 transition commands/s with p99 <= 100 ms; census p99 <
    issuer; the clients hold tokens from the same key.
 3. Transitions. `--clients` threads, each with its own keep-alive connection, POST one step-down
    (3.5 -> 2.1) per patient for `--transitions` patients. Reported: commands/s over the whole
-   run and p50/p99/max of each request's latency (client side: send to last byte).
+   run and p50/p99/max of each request's latency (client side: send to last byte), and the
+   CPU the API's processes used per command (from /proc: steadier than the rate on a shared
+   machine).
 4. Census. `--census-requests` sequential GET /v1/census (current census by level, site,
    programme and age group over the 100,000 active patients). Reported: p50/p99/max.
 """
@@ -141,6 +143,22 @@ def serve(env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
         time.sleep(0.2)
     proc.kill()
     raise SystemExit("continuum serve did not answer within 60 s")
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) used so far by `pid` and its descendants (Linux /proc)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+        except OSError:
+            continue  # gone meanwhile
+        total += (int(fields[11]) + int(fields[12])) / ticks
+        todo.extend(int(child) for child in children)
+    return total
 
 
 def transitions(base: str, token: str, keys: list[str], clients: int) -> tuple[float, list[float]]:
@@ -276,13 +294,16 @@ def main() -> None:
             moves = keys[: args.transitions]
             say(f"transitions: {len(moves):,} step-downs from {args.clients} clients")
             transitions(base, clinician, keys[-50:], 4)  # warm-up on other patients
+            cpu_before = tree_cpu_seconds(proc.pid)
             rate, latency = transitions(base, clinician, moves, args.clients)
+            server_cpu_ms = (tree_cpu_seconds(proc.pid) - cpu_before) / len(moves) * 1000
         finally:
             proc.terminate()
             proc.wait(timeout=30)
     ms = 1000.0
     say("")
     say(f"transition commands/s (2 workers, {args.clients} clients): {rate:,.0f}  (target >= 500)")
+    say(f"API processes' CPU per transition: {server_cpu_ms:.2f} ms (steadier than the rate)")
     say(
         f"transition latency ms: p50 {statistics.median(latency) * ms:.1f}  "
         f"p99 {pct(latency, 0.99) * ms:.1f}  max {max(latency) * ms:.1f}  (target p99 <= 100)"

@@ -201,7 +201,9 @@ def test_withdrawn_keys_stop_verifying_after_the_cache_ages(issuer: Issuer) -> N
     issuer.keys = [new.published()]
     clock.now += 300
     verifier.verify(token)  # still cached
+    assert verifier.cached(token) is not None  # and answered without a fetch
     clock.now += 301
+    assert verifier.cached(token) is None  # the key set is due for a refresh: verify fetches
     with pytest.raises(NotAuthenticated) as caught:
         verifier.verify(token)
     assert caught.value.rule == "access.token.unknown_key"

@@ -693,3 +693,25 @@ def test_a_cached_token_is_refused_once_its_key_leaves_the_key_set(issuer: DevIs
     assert verifier.verify(token).subject == "synthetic-user-9"
     verifier.keys = StaticKeys({"rotated-2032": _rsa_key().public_key()})
     _refused(verifier, token, "unknown_key")
+
+
+def test_cached_answers_only_what_verify_would_answer_without_work(issuer: DevIssuer) -> None:
+    """`cached` (used by the API in line, before going to a thread) gives a principal only
+    for a token verified a moment ago whose key is still in the key set, as it stands."""
+    verifier = issuer.verifier(leeway_seconds=0)
+    token = _sign(issuer, _claims(sub="synthetic-user-4", exp=int(time.time()) + 2))
+    assert verifier.cached(token) is None  # never verified: verify must run
+    assert verifier.verify(token).subject == "synthetic-user-4"
+    hit = verifier.cached(token)
+    assert hit is not None and hit.subject == "synthetic-user-4"
+    header, _payload, signature = token.split(".")
+    forged = _b64(json.dumps({**_claims(sub="synthetic-user-4"), "role": "admin"}).encode())
+    assert verifier.cached(f"{header}.{forged}.{signature}") is None
+    keys = verifier.keys
+    verifier.keys = StaticKeys({"rotated-2032": _rsa_key().public_key()})
+    assert verifier.cached(token) is None  # its key left the key set
+    verifier.keys = keys
+    assert verifier.cached(token) is not None
+    time.sleep(2.1)  # past exp
+    assert verifier.cached(token) is None
+    _refused(verifier, token, "expired")

@@ -74,11 +74,20 @@ class TokenVerifier(Protocol):
 
     def verify(self, token: str) -> Principal: ...
 
+    def cached(self, token: str) -> Principal | None:
+        """The principal of a token verified a moment ago, if that answer still stands and
+        needs nothing fetched; None means: call `verify` (which may block on the network)."""
+        ...
+
 
 class KeySet(Protocol):
     """The issuer's public keys, by key id (`kid`)."""
 
     def key(self, kid: str | None) -> rsa.RSAPublicKey: ...
+
+    def cached(self, kid: str | None) -> rsa.RSAPublicKey | None:
+        """The key as `key` would give it now without fetching anything, else None."""
+        ...
 
 
 def _refuse(rule: str, message: str, field: str | None = None, **details: Any) -> NotAuthenticated:
@@ -152,6 +161,16 @@ class StaticKeys:
 
     def key(self, kid: str | None) -> rsa.RSAPublicKey:
         return _pick(self._keys, kid, "this service's key set")
+
+    def cached(self, kid: str | None) -> rsa.RSAPublicKey | None:
+        return _known(self._keys, kid)
+
+
+def _known(keys: Mapping[str, rsa.RSAPublicKey], kid: str | None) -> rsa.RSAPublicKey | None:
+    """What `_pick` would return, or None where it would refuse."""
+    if kid is None:
+        return next(iter(keys.values())) if len(keys) == 1 else None
+    return keys.get(kid)
 
 
 def _pick(keys: Mapping[str, rsa.RSAPublicKey], kid: str | None, where: str) -> rsa.RSAPublicKey:
@@ -297,6 +316,16 @@ class JwksKeys:
         self._refresh(self._loaded_at, must_succeed=True)  # rotation: one refetch, rate-limited
         return _pick(self._keys, kid, "the issuer's key set")
 
+    def cached(self, kid: str | None) -> rsa.RSAPublicKey | None:
+        """The cached key, unless `key` would fetch first (nothing loaded yet, a refresh due,
+        or a key id not in the cache)."""
+        loaded_at = self._loaded_at
+        if loaded_at is None:
+            return None
+        if self.clock() - loaded_at >= self.max_age_seconds and not self._paused():
+            return None
+        return _known(self._keys, kid)
+
     def _paused(self) -> bool:
         """Was the issuer asked too recently to ask again? An issuer that never answered is
         retried sooner than one whose keys are cached."""
@@ -418,6 +447,13 @@ class JwtVerifier:
             self._verified.clear()
         self._verified[token] = (principal, min(expires, now + self.CACHE_SECONDS), kid, key)
         return principal
+
+    def cached(self, token: str) -> Principal | None:
+        """`verify`'s answer from its cache, if that needs no call to the issuer."""
+        hit = self._verified.get(token) if isinstance(token, str) else None
+        if hit is None or time.time() >= hit[1]:
+            return None
+        return hit[0] if self.keys.cached(hit[2]) is hit[3] else None
 
     def _verify(self, token: str) -> tuple[Principal, float, str | None, rsa.RSAPublicKey]:
         if not isinstance(token, str) or not token.strip():

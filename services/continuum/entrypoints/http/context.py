@@ -20,6 +20,8 @@ class Verifier(Protocol):
 
     def verify(self, token: str) -> Principal: ...
 
+    def cached(self, token: str) -> Principal | None: ...
+
 
 @dataclass
 class ApiContext:

@@ -12,6 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from continuum.application.access import NotAuthenticated, Principal, PurposeOfUse
 from continuum.entrypoints.http.context import ApiContext
 from continuum.entrypoints.http.problems import HeaderProblem
+from continuum.entrypoints.http.threads import in_thread
 
 _bearer = HTTPBearer(auto_error=False, description="A JWT from the configured OIDC issuer.")
 
@@ -24,10 +25,10 @@ _ETAG = re.compile(r'^(?:W/)?"?(\d{1,9})"?$')
 _IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9._:\-]{1,100}$")
 
 
-# Dependencies that only read the request are `async`: FastAPI runs a plain `def` dependency
-# in its thread pool, and those hops (a queue, a thread wake-up, the GIL handed back and forth)
-# cost more than the work. `principal` stays in the pool: verifying a token may fetch the
-# issuer's keys over the network.
+# Dependencies are `async`: FastAPI runs a plain `def` dependency in its thread pool, and those
+# hops (a queue, a thread wake-up, the GIL handed back and forth) cost more than the work.
+# `principal` answers from the verifier's cache in line, and goes to the pool only when
+# verifying may fetch the issuer's keys over the network.
 
 
 async def context(request: Request) -> ApiContext:
@@ -38,7 +39,7 @@ async def context(request: Request) -> ApiContext:
 Ctx = Annotated[ApiContext, Depends(context)]
 
 
-def principal(
+async def principal(
     request: Request,
     ctx: Ctx,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
@@ -49,7 +50,10 @@ def principal(
             rule="access.token.missing",
             field="Authorization",
         )
-    caller = ctx.verifier.verify(credentials.credentials)
+    token = credentials.credentials
+    caller = ctx.verifier.cached(token)
+    if caller is None:
+        caller = await in_thread(ctx.verifier.verify, token)
     request.state.principal = caller
     return caller
 

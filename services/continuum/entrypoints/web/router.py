@@ -610,7 +610,7 @@ def post_reassessment(
     try:
         expected = forms.expected_version(form)
         body = forms.reassessment_body(form, dimensions)
-        api_patients.reassess(key, body, ctx, caller, Response(), expected, None)
+        api_patients.record_reassessment(key, body, ctx, caller, Response(), expected, None)
     except forms.FormInvalid as exc:
         state.errors.update(exc.errors)
         return _form_refused(request, ctx, caller, key, "reassess", state, 422)
@@ -641,7 +641,7 @@ def post_transition(
     try:
         expected = forms.expected_version(form)
         body = forms.transition_body(form)
-        api_patients.transition(key, body, ctx, caller, Response(), expected, None)
+        api_patients.move(key, body, ctx, caller, Response(), expected, None)
     except forms.FormInvalid as exc:
         state.errors.update(exc.errors)
         return _form_refused(request, ctx, caller, key, "transition", state, 422)

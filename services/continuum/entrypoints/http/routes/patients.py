@@ -36,6 +36,7 @@ from continuum.entrypoints.http.deps import (
     Purpose,
     etag,
 )
+from continuum.entrypoints.http.threads import in_thread
 from continuum_events import Actor, ActorRole, PatientEvent
 from continuum_events.codes import PatientKey
 
@@ -234,12 +235,22 @@ def _command(
 
 
 @router.post("", status_code=201, responses=PROBLEMS, summary="Admit a new patient")
-def admit(
+async def admit(
     body: m.AdmitBody,
     ctx: Ctx,
     caller: Caller,
     response: Response,
     idempotency: IdempotencyKey,
+) -> m.CommandResult:
+    return await in_thread(_admit, body, ctx, caller, response, idempotency)
+
+
+def _admit(
+    body: m.AdmitBody,
+    ctx: ApiContext,
+    caller: Principal,
+    response: Response,
+    idempotency: str | None,
 ) -> m.CommandResult:
     require(caller, Permission.ADMIT, site=body.site)
     command = body.to_command(c.Admit, patient_key=None, expected_version=None)
@@ -336,7 +347,7 @@ def fhir_export(
 @router.post(
     "/{patient_key}/reassessments", status_code=201, responses=PROBLEMS, summary="Reassess"
 )
-def reassess(
+async def reassess(
     patient_key: PatientKey,
     body: m.ReassessmentBody,
     ctx: Ctx,
@@ -345,6 +356,21 @@ def reassess(
     expected: ExpectedVersion,
     idempotency: IdempotencyKey,
 ) -> m.CommandResult:
+    return await in_thread(
+        record_reassessment, patient_key, body, ctx, caller, response, expected, idempotency
+    )
+
+
+def record_reassessment(
+    patient_key: str,
+    body: m.ReassessmentBody,
+    ctx: ApiContext,
+    caller: Principal,
+    response: Response,
+    expected: int | None,
+    idempotency: str | None,
+) -> m.CommandResult:
+    """The reassessment command (the route above, and the console's form)."""
     return _command(
         ctx,
         caller,
@@ -364,7 +390,7 @@ def reassess(
     responses=PROBLEMS,
     summary="Move to another level (step-down, step-up or lateral)",
 )
-def transition(
+async def transition(
     patient_key: PatientKey,
     body: m.TransitionBody,
     ctx: Ctx,
@@ -373,6 +399,19 @@ def transition(
     expected: ExpectedVersion,
     idempotency: IdempotencyKey,
 ) -> m.CommandResult:
+    return await in_thread(move, patient_key, body, ctx, caller, response, expected, idempotency)
+
+
+def move(
+    patient_key: str,
+    body: m.TransitionBody,
+    ctx: ApiContext,
+    caller: Principal,
+    response: Response,
+    expected: int | None,
+    idempotency: str | None,
+) -> m.CommandResult:
+    """The transition command (the route above, and the console's form)."""
     return _command(
         ctx,
         caller,
@@ -390,7 +429,7 @@ def transition(
 @router.post(
     "/{patient_key}/attendance", status_code=201, responses=PROBLEMS, summary="Hours attended"
 )
-def attend(
+async def attend(
     patient_key: PatientKey,
     body: m.AttendanceBody,
     ctx: Ctx,
@@ -399,7 +438,8 @@ def attend(
     expected: ExpectedVersion,
     idempotency: IdempotencyKey,
 ) -> m.CommandResult:
-    return _command(
+    return await in_thread(
+        _command,
         ctx,
         caller,
         Permission.ATTEND,
@@ -413,7 +453,7 @@ def attend(
 
 
 @router.post("/{patient_key}/discharges", status_code=201, responses=PROBLEMS, summary="Discharge")
-def discharge(
+async def discharge(
     patient_key: PatientKey,
     body: m.DischargeBody,
     ctx: Ctx,
@@ -422,7 +462,8 @@ def discharge(
     expected: ExpectedVersion,
     idempotency: IdempotencyKey,
 ) -> m.CommandResult:
-    return _command(
+    return await in_thread(
+        _command,
         ctx,
         caller,
         Permission.DISCHARGE,
@@ -441,7 +482,7 @@ def discharge(
     responses=PROBLEMS,
     summary="Readmit: a new episode",
 )
-def readmit(
+async def readmit(
     patient_key: PatientKey,
     body: m.ReadmitBody,
     ctx: Ctx,
@@ -450,7 +491,8 @@ def readmit(
     expected: ExpectedVersion,
     idempotency: IdempotencyKey,
 ) -> m.CommandResult:
-    return _command(
+    return await in_thread(
+        _command,
         ctx,
         caller,
         Permission.READMIT,
@@ -470,7 +512,7 @@ def readmit(
     responses=PROBLEMS,
     summary="Void a mistaken event (a later event; nothing is deleted)",
 )
-def void(
+async def void(
     patient_key: PatientKey,
     body: m.VoidBody,
     ctx: Ctx,
@@ -479,7 +521,8 @@ def void(
     expected: ExpectedVersion,
     idempotency: IdempotencyKey,
 ) -> m.CommandResult:
-    return _command(
+    return await in_thread(
+        _command,
         ctx,
         caller,
         Permission.VOID,
