@@ -71,6 +71,9 @@ def create_app(ctx: ApiContext) -> FastAPI:
         docs_url="/docs",
         redoc_url=None,
         dependencies=[Depends(strict_query)],
+        # Operators get Prometheus metrics (GET /metrics). FastAPI's OpenTelemetry hooks are
+        # off: with no provider configured they still looked one up on every request.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.ctx = ctx
     problems.install(app)
