@@ -31,6 +31,7 @@ from continuum.application.access import (
     Principal,
     Role,
 )
+from continuum.domain import commands as c
 from continuum.domain.errors import ContinuumError, InvalidInput, NotFound
 from continuum.domain.policy import Policy
 from continuum.entrypoints.http import models as m
@@ -610,7 +611,17 @@ def post_reassessment(
     try:
         expected = forms.expected_version(form)
         body = forms.reassessment_body(form, dimensions)
-        api_patients.record_reassessment(key, body, ctx, caller, Response(), expected, None)
+        api_patients.run_command(
+            ctx,
+            caller,
+            Permission.REASSESS,
+            key,
+            body,
+            c.RecordReassessment,
+            expected=expected,
+            idempotency=None,
+            response=Response(),
+        )
     except forms.FormInvalid as exc:
         state.errors.update(exc.errors)
         return _form_refused(request, ctx, caller, key, "reassess", state, 422)
@@ -641,7 +652,18 @@ def post_transition(
     try:
         expected = forms.expected_version(form)
         body = forms.transition_body(form)
-        api_patients.move(key, body, ctx, caller, Response(), expected, None)
+        api_patients.run_command(
+            ctx,
+            caller,
+            Permission.TRANSITION,
+            key,
+            body,
+            c.Transition,
+            expected=expected,
+            idempotency=None,
+            response=Response(),
+            target_site=body.site,
+        )
     except forms.FormInvalid as exc:
         state.errors.update(exc.errors)
         return _form_refused(request, ctx, caller, key, "transition", state, 422)

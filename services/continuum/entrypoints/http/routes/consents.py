@@ -26,7 +26,8 @@ from continuum.entrypoints.http.deps import (
     etag,
 )
 from continuum.entrypoints.http.routes.operations import MAX_POSITION
-from continuum.entrypoints.http.routes.patients import PROBLEMS, _audit, _command, sites_of
+from continuum.entrypoints.http.routes.patients import PROBLEMS, _audit, run_command, sites_of
+from continuum.entrypoints.http.threads import in_thread
 from continuum_events.codes import PatientKey
 
 router = APIRouter(tags=["consent"])
@@ -38,7 +39,7 @@ router = APIRouter(tags=["consent"])
     responses=PROBLEMS,
     summary="Record a consent to disclose to one organization",
 )
-def give_consent(
+async def give_consent(
     patient_key: PatientKey,
     body: m.ConsentBody,
     ctx: Ctx,
@@ -47,7 +48,8 @@ def give_consent(
     expected: ExpectedVersion,
     idempotency: IdempotencyKey,
 ) -> m.CommandResult:
-    return _command(
+    return await in_thread(
+        run_command,
         ctx,
         caller,
         Permission.MANAGE_CONSENT,
@@ -66,7 +68,7 @@ def give_consent(
     responses=PROBLEMS,
     summary="Record that the patient revoked a consent",
 )
-def revoke_consent(
+async def revoke_consent(
     patient_key: PatientKey,
     body: m.RevocationBody,
     ctx: Ctx,
@@ -75,7 +77,8 @@ def revoke_consent(
     expected: ExpectedVersion,
     idempotency: IdempotencyKey,
 ) -> m.CommandResult:
-    return _command(
+    return await in_thread(
+        run_command,
         ctx,
         caller,
         Permission.MANAGE_CONSENT,

@@ -195,7 +195,7 @@ def _handle(
     )
 
 
-def _command(
+def run_command(
     ctx: ApiContext,
     caller: Principal,
     permission: Permission,
@@ -209,7 +209,8 @@ def _command(
     target_site: str | None = None,
 ) -> m.CommandResult:
     """A command on an existing patient: the role must allow it and cover the patient's current
-    site (and the target site of a move to another site)."""
+    site (and the target site of a move to another site). The routes below and the console's
+    forms call it, from a worker thread (it blocks on the database)."""
     require(caller, permission)
     if idempotency is not None:
         prior = ctx.app.store.find_idempotent(idempotency)
@@ -357,21 +358,7 @@ async def reassess(
     idempotency: IdempotencyKey,
 ) -> m.CommandResult:
     return await in_thread(
-        record_reassessment, patient_key, body, ctx, caller, response, expected, idempotency
-    )
-
-
-def record_reassessment(
-    patient_key: str,
-    body: m.ReassessmentBody,
-    ctx: ApiContext,
-    caller: Principal,
-    response: Response,
-    expected: int | None,
-    idempotency: str | None,
-) -> m.CommandResult:
-    """The reassessment command (the route above, and the console's form)."""
-    return _command(
+        run_command,
         ctx,
         caller,
         Permission.REASSESS,
@@ -399,20 +386,8 @@ async def transition(
     expected: ExpectedVersion,
     idempotency: IdempotencyKey,
 ) -> m.CommandResult:
-    return await in_thread(move, patient_key, body, ctx, caller, response, expected, idempotency)
-
-
-def move(
-    patient_key: str,
-    body: m.TransitionBody,
-    ctx: ApiContext,
-    caller: Principal,
-    response: Response,
-    expected: int | None,
-    idempotency: str | None,
-) -> m.CommandResult:
-    """The transition command (the route above, and the console's form)."""
-    return _command(
+    return await in_thread(
+        run_command,
         ctx,
         caller,
         Permission.TRANSITION,
@@ -439,7 +414,7 @@ async def attend(
     idempotency: IdempotencyKey,
 ) -> m.CommandResult:
     return await in_thread(
-        _command,
+        run_command,
         ctx,
         caller,
         Permission.ATTEND,
@@ -463,7 +438,7 @@ async def discharge(
     idempotency: IdempotencyKey,
 ) -> m.CommandResult:
     return await in_thread(
-        _command,
+        run_command,
         ctx,
         caller,
         Permission.DISCHARGE,
@@ -492,7 +467,7 @@ async def readmit(
     idempotency: IdempotencyKey,
 ) -> m.CommandResult:
     return await in_thread(
-        _command,
+        run_command,
         ctx,
         caller,
         Permission.READMIT,
@@ -522,7 +497,7 @@ async def void(
     idempotency: IdempotencyKey,
 ) -> m.CommandResult:
     return await in_thread(
-        _command,
+        run_command,
         ctx,
         caller,
         Permission.VOID,
