@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Connection, Engine, event, text
+from sqlalchemy.exc import DBAPIError
 
 from continuum.adapters.sql.store import SqlEventStore
 from continuum.application.ports import AppendResult
@@ -312,6 +313,26 @@ def test_a_stream_taken_by_another_process_meanwhile_is_that_callers_conflict_on
     assert len(log_ids(pg_engine)) == 4
 
 
+def _kill_pooled_connection(pg_url: str, engine: Engine) -> None:
+    """Terminate the backend of `engine`'s one pooled connection, and wait until it is gone."""
+    with engine.connect() as conn:  # the pool's one connection
+        pid = conn.scalar(text("SELECT pg_backend_pid()"))
+    with fresh_pg_schema(pg_url, migrate=False) as admin, admin.connect() as conn:
+        assert conn.scalar(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+
+        def backend_gone() -> bool:
+            # pg_stat_activity is a snapshot held for the whole transaction: drop it on
+            # every poll, or a backend still present at the first look never goes away.
+            conn.execute(text("SELECT pg_stat_clear_snapshot()"))
+            count = conn.scalar(
+                text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid"), {"pid": pid}
+            )
+            return count == 0
+
+        wait_until(backend_gone)
+        conn.rollback()
+
+
 def test_a_dead_pooled_connection_is_replaced_and_the_append_goes_through(
     pg_url: str, template: list[PatientEvent]
 ) -> None:
@@ -319,23 +340,26 @@ def test_a_dead_pooled_connection_is_replaced_and_the_append_goes_through(
         store = SqlEventStore(engine)
         pk = new_patient_key()
         store.append(pk, 0, events_for(template, pk, 1))
-        with engine.connect() as conn:  # the pool's one connection
-            pid = conn.scalar(text("SELECT pg_backend_pid()"))
-        with fresh_pg_schema(pg_url, migrate=False) as admin, admin.connect() as conn:
-            assert conn.scalar(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
-
-            def backend_gone() -> bool:
-                # pg_stat_activity is a snapshot held for the whole transaction: drop it on
-                # every poll, or a backend still present at the first look never goes away.
-                conn.execute(text("SELECT pg_stat_clear_snapshot()"))
-                count = conn.scalar(
-                    text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid"), {"pid": pid}
-                )
-                return count == 0
-
-            wait_until(backend_gone)
-            conn.rollback()
+        _kill_pooled_connection(pg_url, engine)
         # The pooled connection is dead; the append finds out, replaces it and goes through.
         result = store.append(pk, 1, events_for(template, pk, 2))
         assert result.stream_version == 2
+        assert [e.stream_version for e in store.read_stream(pk)] == [1, 2]
+
+
+def test_a_stream_read_on_a_dead_connection_fails_as_sqlalchemys_error_and_the_next_works(
+    pg_url: str, template: list[PatientEvent]
+) -> None:
+    """`read_stream` runs on the driver's connection: a dead one still surfaces as SQLAlchemy's
+    DBAPIError (which the API answers with 503), and the pool replaces it for the next read."""
+    with fresh_pg_schema(pg_url, pool_size=1) as engine:
+        store = SqlEventStore(engine)
+        pk = new_patient_key()
+        store.append(pk, 0, events_for(template, pk, 1))
+        store.append(pk, 1, events_for(template, pk, 2))
+        _kill_pooled_connection(pg_url, engine)
+        with pytest.raises(DBAPIError) as caught:
+            store.read_stream(pk)
+        assert caught.value.connection_invalidated
+        assert pk not in str(caught.value)  # parameters (clinical keys) are not shown
         assert [e.stream_version for e in store.read_stream(pk)] == [1, 2]

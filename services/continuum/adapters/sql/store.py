@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import psycopg
+from psycopg.rows import dict_row
 from sqlalchemy import (
     JSON,
     Connection,
@@ -246,6 +247,14 @@ _READ_STREAM = (
     )
     .where(t.events.c.stream_id == bindparam("stream_id"))
     .order_by(t.events.c.stream_version)
+)
+
+#: `_READ_STREAM` as PostgreSQL text, for the driver's own cursor.
+_PG_READ_STREAM = (
+    "SELECT "
+    + ", ".join(f"e.{c.name}" for c in _EVENT_COLUMNS)
+    + ", (SELECT l.position FROM event_log l WHERE l.row_id = e.row_id) AS position"
+    + " FROM events e WHERE e.stream_id = %s ORDER BY e.stream_version"
 )
 
 _READ_WIRE = text(
@@ -649,7 +658,22 @@ class SqlEventStore(EventStore):
 
     def read_stream(self, stream_id: str) -> list[PatientEvent]:
         with self._reader() as conn:
-            return [_from_row(row) for row in conn.execute(_READ_STREAM, {"stream_id": stream_id})]
+            if self._sqlite:
+                rows = conn.execute(_READ_STREAM, {"stream_id": stream_id})
+                return [_from_row(row) for row in rows]
+            # PostgreSQL: every command reads its stream first, so this runs on the driver's
+            # connection (as the append does): SQLAlchemy's per-statement work cost more than
+            # the statement. Rows come back as dicts, the mapping `_envelope_from_row` reads.
+            raw = cast("psycopg.Connection[Any]", conn.connection.driver_connection)
+            try:
+                with raw.cursor(row_factory=dict_row) as cursor:
+                    found = cursor.execute(_PG_READ_STREAM, (stream_id,)).fetchall()
+            except psycopg.Error as exc:
+                dead = raw.broken or raw.closed
+                if dead:
+                    conn.invalidate(exc)
+                raise self._wrap(exc, _PG_READ_STREAM, dead) from exc
+            return [parse_event(_envelope_from_row(row)) for row in found]
 
     def read_all(self, after: int = 0, limit: int = 1000) -> list[PatientEvent]:
         self.sequence()
