@@ -406,8 +406,19 @@ class ReadModel:
             p.stored = True
         return Batch(changes=changes, new_patients=new, old_patients=old)
 
-    def write(self, batch: Batch, positions: Mapping[str, int]) -> None:
-        """One transaction: rows, patients' fold state, census deltas, checkpoints."""
+    def write(
+        self,
+        batch: Batch,
+        positions: Mapping[str, int],
+        starts: Mapping[str, int] | None = None,
+    ) -> None:
+        """One transaction: rows, patients' fold state, census deltas, checkpoints.
+
+        `starts` fences a writer that lost its partitions: for each checkpoint named there,
+        the batch began at that offset, so the saved checkpoint must not be past it. If it
+        is, another worker has projected those events since (this one stalled past its
+        session and the group gave its partitions away): `StaleBatch`, and nothing of the
+        batch is written."""
         now = dt.datetime.now(dt.UTC)
         changes = batch.changes
         with self.engine.begin() as conn:
@@ -419,6 +430,8 @@ class ReadModel:
                 # the commit need not wait for the WAL flush (nor hold the snapshot lock
                 # through it).
                 conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
+            if starts:
+                _fence(conn, starts)  # before any row: a stale batch writes nothing
             write = _write_pg if postgresql else _write_core
             for name, table in ROW_TABLES.items():
                 write(conn, table, list(changes.inserts.get(name, {}).values()))
@@ -436,7 +449,8 @@ class ReadModel:
                 write(conn, census_deltas, changes.deltas)
                 self._maintain_snapshots(conn, changes.deltas)
             for name, position in positions.items():
-                _put_checkpoint(conn, name, position, now)
+                start = starts.get(name) if starts is not None else None
+                _put_checkpoint(conn, name, position, now, start)
 
     # -- census snapshots ---------------------------------------------------------------------
 
@@ -650,14 +664,63 @@ def _update(
         )
 
 
-def _put_checkpoint(conn: Connection, name: str, position: int, now: dt.datetime) -> None:
-    changed = conn.execute(
-        update(checkpoints)
-        .where(checkpoints.c.name == name)
-        .values(position=position, updated_at=now)
-    ).rowcount
-    if not changed:
-        conn.execute(insert(checkpoints).values(name=name, position=position, updated_at=now))
+class StaleBatch(ReadModelError):
+    """A batch whose events another writer has projected since it was read (fenced)."""
+
+    rule = "read_model.stale_batch"
+
+
+def _fence(conn: Connection, starts: Mapping[str, int]) -> None:
+    """Refuse a batch if a checkpoint it moves is already past where the batch began; on
+    PostgreSQL the checkpoint rows stay locked until this transaction ends, so two writers of
+    one partition cannot both pass."""
+    query = select(checkpoints.c.name, checkpoints.c.position).where(
+        checkpoints.c.name.in_(sorted(starts))
+    )
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update()
+    for name, saved in conn.execute(query):
+        if saved > starts[name]:
+            raise _stale(name, int(saved), starts[name])
+
+
+def _stale(name: str, saved: int, start: int | None) -> StaleBatch:
+    return StaleBatch(
+        f"checkpoint {name} is at {saved}, past {start} where this batch began: another "
+        "worker projected these events while this one stalled; the batch is dropped and "
+        "the partition read again from the saved offset",
+        checkpoint=name,
+        saved=saved,
+        start=start,
+    )
+
+
+def _put_checkpoint(
+    conn: Connection, name: str, position: int, now: dt.datetime, start: int | None = None
+) -> None:
+    statement = update(checkpoints).where(checkpoints.c.name == name)
+    if start is not None:
+        statement = statement.where(checkpoints.c.position <= start)
+    changed = conn.execute(statement.values(position=position, updated_at=now)).rowcount
+    if changed:
+        return
+    saved = conn.execute(select(checkpoints.c.position).where(checkpoints.c.name == name)).scalar()
+    if saved is not None:
+        # Only reachable with `start`: the checkpoint moved past where this batch began.
+        raise _stale(name, int(saved), start)
+    upsert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    created = conn.execute(
+        upsert(checkpoints)
+        .values(name=name, position=position, updated_at=now)
+        .on_conflict_do_nothing(index_elements=["name"])
+        .returning(checkpoints.c.name)
+    ).first()
+    if created is None:  # another writer created it meanwhile: this batch is not the first
+        raise StaleBatch(
+            f"checkpoint {name} was created by another writer while this batch was written",
+            checkpoint=name,
+            start=start,
+        )
 
 
 def _group_patches(patches: dict[str, Row]) -> dict[tuple[str, ...], list[Row]]:

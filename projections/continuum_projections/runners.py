@@ -28,7 +28,7 @@ from continuum.application.ports import EventStore
 from continuum.domain.policy import PolicyRegistry
 from continuum_projections.fold import ContinuumFold, Event, decode, parse_time
 from continuum_projections.policyview import PolicyViews
-from continuum_projections.readmodel import STORE_CHECKPOINT, ReadModel
+from continuum_projections.readmodel import STORE_CHECKPOINT, ReadModel, StaleBatch
 
 #: A batch is written once it holds this many row changes, however few events made them
 #: (bounds memory: about 2 KB a row).
@@ -84,7 +84,7 @@ class _Base:
         else:
             self.progress.skipped += 1
 
-    def _flush(self, positions: dict[str, int]) -> None:
+    def _flush(self, positions: dict[str, int], starts: dict[str, int] | None = None) -> None:
         """Hand the batch to the writer thread and go on folding; at most one batch is in
         flight, so the database works while Python folds the next one."""
         changes, touched = self.fold.take()
@@ -100,11 +100,11 @@ class _Base:
             if key not in recent and (everyone or p.placement is None)
         )
         if self._background:
-            self._pending = self._writer.submit(self.model.write, batch, dict(positions))
+            self._pending = self._writer.submit(self.model.write, batch, dict(positions), starts)
         else:
             self._pending = Future()
             try:
-                self.model.write(batch, dict(positions))
+                self.model.write(batch, dict(positions), starts)
                 self._pending.set_result(None)
             except BaseException as exc:  # reported by _wait, as for the writer thread
                 self._pending.set_exception(exc)
@@ -298,6 +298,9 @@ class KafkaRunner(_Base):
         self._assigned = threading.Event()
         self._unsaid: dict[Any, Any] = {}  # group offsets of the batch in flight
         self._watermarked: set[Any] = set()  # partitions whose end was checked (_reached)
+        #: Batches dropped because another member had projected their events (`_fenced`).
+        self.fenced = 0
+        self.on_fenced: Callable[[StaleBatch], None] | None = None
         from kafka import ConsumerRebalanceListener
 
         runner = self
@@ -305,8 +308,15 @@ class KafkaRunner(_Base):
         class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
             def on_partitions_revoked(self, revoked: Any) -> None:
                 # Finish the batch in flight, then forget patients whose partitions may now
-                # go to another worker.
-                runner._settle()
+                # go to another worker. A fenced batch wrote nothing; the assignment that
+                # follows seeks to the saved offsets anyway.
+                try:
+                    runner._settle()
+                except StaleBatch as stale:
+                    runner.fenced += 1
+                    runner._unsaid = {}
+                    if runner.on_fenced is not None:
+                        runner.on_fenced(stale)
                 runner.fold.evict()
 
             def on_partitions_assigned(self, assigned: Any) -> None:
@@ -358,6 +368,7 @@ class KafkaRunner(_Base):
             if records:
                 idle_since = time.monotonic()
                 offsets: dict[str, int] = {}
+                starts: dict[str, int] = {}  # where the batch begins, per partition (fencing)
                 commits: dict[Any, Any] = {}
                 keys = set()
                 decoded = []
@@ -369,13 +380,19 @@ class KafkaRunner(_Base):
                 self.fold.preload(keys)
                 for tp, offset, event in decoded:
                     self._apply(event)
-                    offsets[kafka_checkpoint(tp.topic, tp.partition)] = offset + 1
+                    name = kafka_checkpoint(tp.topic, tp.partition)
+                    starts.setdefault(name, offset)
+                    offsets[name] = offset + 1
                     commits[tp] = OffsetAndMetadata(offset + 1, "", -1)
                     self.progress.position += 1
                 # The previous batch is committed once this returns; this one is written
                 # while the next poll is folded (PostgreSQL), or in line (SQLite).
                 written, self._unsaid = self._unsaid, commits
-                self._flush(offsets)
+                try:
+                    self._flush(offsets, starts)
+                except StaleBatch as stale:
+                    self._fenced(stale)
+                    continue
                 self._tell_group(written)
                 batches += 1
                 if on_progress:
@@ -383,13 +400,33 @@ class KafkaRunner(_Base):
                 if max_batches is not None and batches >= max_batches:
                     break
             else:
-                self._settle()
+                try:
+                    self._settle()
+                except StaleBatch as stale:
+                    self._fenced(stale)
+                    continue
             if until_end and self._reached(ends):
                 break
             if idle_timeout_s is not None and time.monotonic() - idle_since > idle_timeout_s:
                 break
         self._settle()
         return self.progress
+
+    def _fenced(self, stale: StaleBatch) -> None:
+        """Another member projected events of a batch this one had in flight (this one
+        stalled past its session and lost the partition). Nothing of the batch was written
+        and the fold's memory is dropped (`_wait`); read every assigned partition again from
+        the offset saved with the rows."""
+        self.fenced += 1
+        self._unsaid = {}
+        for tp in self.consumer.assignment():
+            saved = self.model.checkpoint(kafka_checkpoint(tp.topic, tp.partition))
+            if saved:
+                self.consumer.seek(tp, saved)
+            else:
+                self.consumer.seek_to_beginning(tp)
+        if self.on_fenced is not None:
+            self.on_fenced(stale)
 
     def _settle(self) -> None:
         """Wait for the batch in flight, then tell the group its offsets."""

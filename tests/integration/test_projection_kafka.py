@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine
@@ -166,11 +167,11 @@ def test_kafka_runner_into_postgresql_overlaps_writes_and_recovers_from_a_failed
         original = ReadModel.write
         calls: list[int] = []
 
-        def third_write_fails(self: ReadModel, batch: object, positions: object) -> None:
+        def third_write_fails(self: ReadModel, *args: Any) -> None:
             calls.append(1)
             if len(calls) == 3:
                 raise RuntimeError("disk full (injected)")
-            original(self, batch, positions)  # type: ignore[arg-type]
+            original(self, *args)
 
         monkeypatch.setattr(ReadModel, "write", third_write_fails)
         with pytest.raises(RuntimeError, match="disk full"):
@@ -184,3 +185,55 @@ def test_kafka_runner_into_postgresql_overlaps_writes_and_recovers_from_a_failed
         assert runner.fold.duplicates == 0  # resumed exactly after the last saved batch
         assert runner.progress.events == head - saved
         assert diff_read_models(from_store.engine, engine) == []
+
+
+@pytest.mark.postgres
+def test_a_fenced_kafka_runner_drops_its_stale_batch_and_counts_nothing_twice(
+    sqlite_engine: Engine,
+    policies: PolicyRegistry,
+    kafka_broker: BrokerInfo,
+    tmp_path: Path,
+    pg_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Worker A stalls with its second batch in flight; meanwhile worker B (as the group
+    would after A's session expired) projects the rest of the topic into the same read model.
+    A's batch must not land (every event in it would count twice): the read model refuses it
+    (StaleBatch), A drops its memory, seeks to the saved offsets, finds nothing left, and the
+    model equals the store runner's."""
+    from tests.support import fresh_pg_schema
+
+    store = _cohort(sqlite_engine, policies)
+    head = store.head_position()
+    topic = create_topic(kafka_broker.bootstrap_servers, unique("events"), partitions=2)
+    settings = settings_for(kafka_broker.bootstrap_servers, kafka_broker)
+    assert _relay(store, sqlite_engine, settings, topic, "r") == head
+    from_store = _model(tmp_path / "store.sqlite3")
+    StoreRunner(store, from_store, policies).run()
+
+    with fresh_pg_schema(pg_url, migrate=False, prefix="fence") as engine:
+        model_a = ReadModel(engine)
+        model_a.create()
+        with engine.connect() as conn:
+            schema = str(conn.exec_driver_sql("SELECT current_schema()").scalar())
+        model_b = ReadModel(create_database_engine(pg_url, schema=schema))
+        original = ReadModel.write
+        writes_of_a: list[int] = []
+        b_runs: list[KafkaRunner] = []
+
+        def a_stalls_while_b_takes_over(self: ReadModel, *args: Any) -> None:
+            if self is model_a:
+                writes_of_a.append(1)
+                if len(writes_of_a) == 2:
+                    b, _ = _kafka_run(settings, topic, model_b, policies, group="b")
+                    b_runs.append(b)
+            original(self, *args)
+
+        monkeypatch.setattr(ReadModel, "write", a_stalls_while_b_takes_over)
+        a, lag = _kafka_run(settings, topic, model_a, policies, group="a")
+        assert b_runs and a.fenced == 1
+        assert lag == 0
+        assert 0 < b_runs[0].progress.events < head  # B went on from A's first batch
+        # Every event counted once: A's first batch, then B's rest; A's second never landed.
+        assert diff_read_models(from_store.engine, engine) == []
+        model_b.engine.dispose()

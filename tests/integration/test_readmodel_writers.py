@@ -125,3 +125,81 @@ def test_workers_starting_together_create_and_claim_one_read_model(
         thread.join(timeout=60)
     assert errors == []
     assert ReadModel(engines[0]).source() == "kafka:events"
+
+
+def test_a_stale_batch_is_fenced_and_writes_nothing(engines: tuple[Engine, Engine]) -> None:
+    """Worker A stalled with a batch of partition 0 read from offset 0; meanwhile the group
+    gave the partition to B, which projected offsets 0-5. A's batch must not land (it would
+    count those events twice): StaleBatch, and none of its rows or its checkpoint."""
+    a_engine, b_engine = engines
+    worker_a, worker_b = ReadModel(a_engine), ReadModel(b_engine)
+    worker_a.create()
+    name = "kafka:t:0"
+    b_rows = [_delta(n, n, LEVELS[0], 1) for n in range(6)]
+    worker_b.write(
+        Batch(changes=Changes(deltas=b_rows), new_patients=[], old_patients=[]),
+        {name: 6},
+        {name: 0},
+    )
+    stale = [_delta(100 + n, n, LEVELS[1], 1) for n in range(4)]
+    with pytest.raises(rm.StaleBatch, match=r"kafka:t:0 is at 6, past 0 where this batch began"):
+        worker_a.write(
+            Batch(changes=Changes(deltas=stale), new_patients=[], old_patients=[]),
+            {name: 4},
+            {name: 0},
+        )
+    with a_engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(rm.census_deltas)).scalar() == 6
+    assert worker_a.checkpoints_like("kafka:t:") == {name: 6}
+    # A batch that begins where the checkpoint stands goes through.
+    worker_a.write(
+        Batch(
+            changes=Changes(deltas=[_delta(6, 7, LEVELS[1], 1)]), new_patients=[], old_patients=[]
+        ),
+        {name: 7},
+        {name: 6},
+    )
+    assert worker_b.checkpoints_like("kafka:t:") == {name: 7}
+
+
+@pytest.mark.postgres
+def test_a_checkpoint_created_by_another_writer_mid_batch_fences_the_batch(
+    pg_url: str,
+) -> None:
+    """The race for a partition's first checkpoint: B creates it after A found none but
+    before A inserts it. A's insert must not fail on the key, nor overwrite: StaleBatch."""
+    from sqlalchemy import event
+
+    with fresh_pg_schema(pg_url, migrate=False) as a_engine:
+        with a_engine.connect() as conn:
+            schema = str(conn.exec_driver_sql("SELECT current_schema()").scalar())
+        b_engine = create_database_engine(pg_url, schema=schema)
+        worker_a, worker_b = ReadModel(a_engine), ReadModel(b_engine)
+        worker_a.create()
+        name = "kafka:t:3"
+        raced: list[bool] = []
+
+        @event.listens_for(a_engine, "before_cursor_execute")
+        def b_gets_there_first(*args: object) -> None:
+            statement = str(args[2])
+            if statement.startswith("INSERT INTO rm_checkpoints") and not raced:
+                raced.append(True)
+                # (no deltas: A holds the snapshot lock until it commits)
+                _write(worker_b, [], name, 2)
+
+        with pytest.raises(rm.StaleBatch, match="created by another writer"):
+            worker_a.write(
+                Batch(
+                    changes=Changes(deltas=[_delta(9, 2, LEVELS[1], 1)]),
+                    new_patients=[],
+                    old_patients=[],
+                ),
+                {name: 2},
+                {name: 0},
+            )
+        assert raced
+        assert worker_a.checkpoints_like("kafka:t:") == {name: 2}
+        with a_engine.connect() as conn:
+            events = conn.execute(select(rm.census_deltas.c.event_id)).scalars().all()
+        assert events == []  # nothing of A's batch
+        b_engine.dispose()

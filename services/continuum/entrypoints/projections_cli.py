@@ -687,7 +687,7 @@ def _kafka_runner(
     settings = application.settings
     consumer = clients.consumer(settings, group=group, max_poll_records=5_000)
     try:
-        return KafkaRunner(
+        runner = KafkaRunner(
             consumer,
             topic or settings.events_topic,
             model,
@@ -698,6 +698,14 @@ def _kafka_runner(
     except BaseException:
         consumer.close()
         raise
+
+    def fenced(stale: Exception) -> None:
+        from continuum.entrypoints.cli import err
+
+        err.print(f"warning: {stale}", markup=False)
+
+    runner.on_fenced = fenced
+    return runner
 
 
 def _safe_url(url: str) -> str:
