@@ -139,6 +139,20 @@ def test_kafka_replay_as_of_uses_recorded_time(
         assert reports.census_as_of(conn, moment).counts == replayed
 
 
+def _topic_and_reference(
+    engine: Engine, policies: PolicyRegistry, broker: BrokerInfo, tmp: Path, *, partitions: int
+) -> tuple[int, str, Settings, ReadModel]:
+    """A cohort relayed to a new topic, and the store runner's read model of it."""
+    store = _cohort(engine, policies)
+    head = store.head_position()
+    topic = create_topic(broker.bootstrap_servers, unique("events"), partitions=partitions)
+    settings = settings_for(broker.bootstrap_servers, broker)
+    assert _relay(store, engine, settings, topic, "r") == head
+    from_store = _model(tmp / "store.sqlite3")
+    StoreRunner(store, from_store, policies).run()
+    return head, topic, settings, from_store
+
+
 @pytest.mark.postgres
 def test_kafka_runner_into_postgresql_overlaps_writes_and_recovers_from_a_failed_batch(
     sqlite_engine: Engine,
@@ -153,14 +167,9 @@ def test_kafka_runner_into_postgresql_overlaps_writes_and_recovers_from_a_failed
     saved, and a new member of the group finishes into exactly the store runner's model."""
     from tests.support import fresh_pg_schema
 
-    store = _cohort(sqlite_engine, policies)
-    head = store.head_position()
-    topic = create_topic(kafka_broker.bootstrap_servers, unique("events"), partitions=3)
-    settings = settings_for(kafka_broker.bootstrap_servers, kafka_broker)
-    assert _relay(store, sqlite_engine, settings, topic, "r") == head
-    from_store = _model(tmp_path / "store.sqlite3")
-    StoreRunner(store, from_store, policies).run()
-
+    head, topic, settings, from_store = _topic_and_reference(
+        sqlite_engine, policies, kafka_broker, tmp_path, partitions=3
+    )
     with fresh_pg_schema(pg_url, migrate=False, prefix="kafkarm") as engine:
         model = ReadModel(engine)
         model.create()
@@ -203,14 +212,9 @@ def test_a_fenced_kafka_runner_drops_its_stale_batch_and_counts_nothing_twice(
     model equals the store runner's."""
     from tests.support import fresh_pg_schema
 
-    store = _cohort(sqlite_engine, policies)
-    head = store.head_position()
-    topic = create_topic(kafka_broker.bootstrap_servers, unique("events"), partitions=2)
-    settings = settings_for(kafka_broker.bootstrap_servers, kafka_broker)
-    assert _relay(store, sqlite_engine, settings, topic, "r") == head
-    from_store = _model(tmp_path / "store.sqlite3")
-    StoreRunner(store, from_store, policies).run()
-
+    head, topic, settings, from_store = _topic_and_reference(
+        sqlite_engine, policies, kafka_broker, tmp_path, partitions=2
+    )
     with fresh_pg_schema(pg_url, migrate=False, prefix="fence") as engine:
         model_a = ReadModel(engine)
         model_a.create()
