@@ -7,6 +7,8 @@ it midway. PostgreSQL: psycopg 3.
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -71,15 +73,30 @@ def _configure_sqlite(engine: Engine) -> None:
         # Hand transaction control to the "begin" hook below (pysqlite's own is wrong for us).
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA busy_timeout=60000")
+        _enter_wal(cursor)
+        cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
         mode = connection.get_execution_options().get(BEGIN_MODE, "IMMEDIATE")
         connection.exec_driver_sql(f"BEGIN {mode}")
+
+
+def _enter_wal(cursor: Any, patience: float = 60.0) -> None:
+    """Switch a connection to the WAL journal. On a new database file, several connections
+    opening at once race to convert it, and SQLite answers the losers "database is locked" at
+    once instead of waiting on the busy timeout: retry those for up to `patience` seconds."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.005)
 
 
 def is_sqlite(engine: Engine) -> bool:
