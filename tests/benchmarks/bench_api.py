@@ -6,7 +6,8 @@ Run it directly (pytest does not collect it):
     .venv/bin/python tests/benchmarks/bench_api.py            # 100,000 patients, ~8 minutes
     .venv/bin/python tests/benchmarks/bench_api.py --quick    # 10,000 patients
     .venv/bin/python tests/benchmarks/bench_api.py --schema bench_api_kept   # seed once, reuse
-    # options: --patients N, --transitions N, --clients N, --census-requests N, --port P
+    # options: --patients N, --clients N, --load wrk|python, --seconds S (wrk),
+    #          --transitions N (python), --census-requests N, --port P
 
 Targets (issue 5): >= 500 transition commands/s with p99 <= 100 ms; census p99 <= 50 ms.
 
@@ -15,11 +16,15 @@ Targets (issue 5): >= 500 transition commands/s with p99 <= 100 ms; census p99 <
    models are then built (`StoreRunner`), so the census counts every one of them.
 2. Serve. `continuum serve --workers 2 --no-project` runs on 127.0.0.1 with the development
    issuer; the clients hold tokens from the same key.
-3. Transitions. `--clients` threads, each with its own keep-alive connection, POST one step-down
-   (3.5 -> 2.1) per patient for `--transitions` patients. Reported: commands/s over the whole
-   run and p50/p99/max of each request's latency (client side: send to last byte), and the
-   CPU the API's processes used per command (from /proc: steadier than the rate on a shared
-   machine).
+3. Transitions. `--clients` keep-alive connections each POST one step-down (3.5 -> 2.1) per
+   patient, every patient once. The load generator is `wrk` (Debian's package, C; the default
+   when it is installed) for `--seconds`, with `wrk_transitions.lua`, or `--load python`: as
+   many threads as clients (httpx) for `--transitions` patients. The server shares the
+   machine's two cores with its load generator: the Python one takes about 0.8 ms of CPU per
+   request, wrk a tenth of that. Reported: commands/s over the whole run, p50/p99/max of each
+   request's latency (client side: send to last byte), the CPU the API's processes used per
+   command (from /proc: steadier than the rate on a shared machine) and the load generator's;
+   and the transitions the store holds afterwards, which must match the 201 answers.
 4. Census. `--census-requests` sequential GET /v1/census (current census by level, site,
    programme and age group over the 100,000 active patients). Reported: p50/p99/max.
 """
@@ -28,7 +33,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
+import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -38,6 +46,7 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx2 as httpx
 from sqlalchemy import Engine, func, select, text
@@ -191,6 +200,62 @@ def transitions(base: str, token: str, keys: list[str], clients: int) -> tuple[f
     return len(keys) / elapsed, latencies
 
 
+WRK_SCRIPT = Path(__file__).with_name("wrk_transitions.lua")
+
+
+def transitions_wrk(
+    base: str, token: str, keys: list[str], clients: int, seconds: int, threads: int, tmp: Path
+) -> dict[str, Any]:
+    """Run wrk for `seconds` over `keys` (one step-down each); its summary line, parsed, plus
+    wrk's own CPU seconds."""
+    key_file = tmp / "keys.txt"
+    key_file.write_text("\n".join(keys) + "\n")
+    command = [
+        "wrk",
+        f"-t{threads}",
+        f"-c{clients}",
+        f"-d{seconds}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(WRK_SCRIPT),
+        base,
+        "--",
+        str(key_file),
+        token,
+        str(threads),
+    ]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    done = subprocess.run(
+        command, check=False, capture_output=True, text=True, timeout=seconds + 120
+    )
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("WRK ")]
+    if done.returncode != 0 or not lines:
+        output = done.stdout[-800:] + done.stderr[-800:]
+        raise SystemExit(f"wrk failed ({done.returncode}): {output}")
+    summary: dict[str, Any] = json.loads(lines[-1][4:])
+    if summary["exhausted_threads"]:
+        raise SystemExit(
+            f"wrk ran out of patients at 3.5 ({len(keys):,}): use fewer --seconds or a fresh "
+            "--schema"
+        )
+    if summary["other"] or summary["socket_errors"] or summary["timeouts"]:
+        raise SystemExit(f"wrk: not every transition was answered 201: {summary}")
+    summary["client_cpu_s"] = (after.ru_utime + after.ru_stime) - (
+        before.ru_utime + before.ru_stime
+    )
+    return summary
+
+
+def stored_transitions(engine: Engine) -> int:
+    with engine.connect() as conn:
+        count = conn.execute(
+            text("SELECT count(*) FROM events WHERE event_type = 'LevelTransitioned'")
+        ).scalar()
+    return int(count or 0)
+
+
 def census(base: str, token: str, requests: int) -> list[float]:
     latencies = []
     with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}) as client:
@@ -224,7 +289,15 @@ def database(name: str | None) -> Iterator[Engine]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--patients", type=int, default=100_000)
-    parser.add_argument("--transitions", type=int, default=10_000)
+    parser.add_argument(
+        "--load",
+        choices=["wrk", "python"],
+        default="wrk" if shutil.which("wrk") else "python",
+        help="load generator (default: wrk when installed: apt-get install wrk)",
+    )
+    parser.add_argument("--seconds", type=int, default=20, help="wrk: how long to send")
+    parser.add_argument("--wrk-threads", type=int, default=2)
+    parser.add_argument("--transitions", type=int, default=10_000, help="python: how many")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--census-requests", type=int, default=500)
     parser.add_argument("--port", type=int, default=18_080)
@@ -236,7 +309,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.quick:
-        args.patients, args.transitions = 10_000, 3_000
+        args.patients, args.transitions, args.seconds = 10_000, 3_000, 5
     policies = PolicyRegistry.bundled()
     with (
         database(args.schema) as engine,
@@ -267,7 +340,8 @@ def main() -> None:
                 select(func.count()).where(rm.patients.c.active.is_(True))
             ).scalar()
         say(f"  {active:,} active patients, {len(keys):,} of them still at 3.5")
-        if len(keys) < args.transitions + 50:
+        needed = args.transitions if args.load == "python" else args.seconds * 1_500
+        if len(keys) < needed + 50:
             raise SystemExit(f"only {len(keys):,} patients left at 3.5: use a fresh --schema")
 
         key_file = Path(tmp) / "dev-issuer.pem"
@@ -291,22 +365,62 @@ def main() -> None:
             say("census: warm-up, then sequential requests")
             census(base, clinician, 20)
             census_latency = census(base, clinician, args.census_requests)
-            moves = keys[: args.transitions]
-            say(f"transitions: {len(moves):,} step-downs from {args.clients} clients")
             transitions(base, clinician, keys[-50:], 4)  # warm-up on other patients
+            stored_before = stored_transitions(engine)
             cpu_before = tree_cpu_seconds(proc.pid)
-            rate, latency = transitions(base, clinician, moves, args.clients)
-            server_cpu_ms = (tree_cpu_seconds(proc.pid) - cpu_before) / len(moves) * 1000
+            if args.load == "wrk":
+                say(
+                    f"transitions: wrk, {args.clients} connections, {args.seconds} s, one "
+                    "step-down per patient"
+                )
+                summary = transitions_wrk(
+                    base,
+                    clinician,
+                    keys[:-50],
+                    args.clients,
+                    args.seconds,
+                    args.wrk_threads,
+                    Path(tmp),
+                )
+                moved = int(summary["created"])
+                rate = moved / (summary["duration_us"] / 1e6)
+                p50, p99, worst = (summary[k] / 1000 for k in ("p50_us", "p99_us", "max_us"))
+                client_cpu_ms = summary["client_cpu_s"] / moved * 1000
+            else:
+                moves = keys[: args.transitions]
+                say(f"transitions: {len(moves):,} step-downs from {args.clients} client threads")
+                before = time.process_time()
+                rate, latency = transitions(base, clinician, moves, args.clients)
+                client_cpu_ms = (time.process_time() - before) / len(moves) * 1000
+                moved = len(moves)
+                p50, p99, worst = (
+                    statistics.median(latency) * 1000,
+                    pct(latency, 0.99) * 1000,
+                    max(latency) * 1000,
+                )
+            server_cpu_ms = (tree_cpu_seconds(proc.pid) - cpu_before) / moved * 1000
         finally:
             proc.terminate()
             proc.wait(timeout=30)
+        stored = stored_transitions(engine) - stored_before
     ms = 1000.0
     say("")
-    say(f"transition commands/s (2 workers, {args.clients} clients): {rate:,.0f}  (target >= 500)")
-    say(f"API processes' CPU per transition: {server_cpu_ms:.2f} ms (steadier than the rate)")
     say(
-        f"transition latency ms: p50 {statistics.median(latency) * ms:.1f}  "
-        f"p99 {pct(latency, 0.99) * ms:.1f}  max {max(latency) * ms:.1f}  (target p99 <= 100)"
+        f"transition commands/s (2 workers, {args.clients} clients, load from {args.load}): "
+        f"{rate:,.0f}  (target >= 500)"
+    )
+    say(
+        f"answered 201: {moved:,}; new transitions in the store: {stored:,} (a request still in "
+        "flight when wrk stops may add one per connection)"
+    )
+    if not moved <= stored <= moved + args.clients:
+        raise SystemExit("the store's transitions do not match the 201 answers")
+    say(
+        f"CPU per transition: API processes {server_cpu_ms:.2f} ms (steadier than the rate), "
+        f"load generator {client_cpu_ms:.2f} ms"
+    )
+    say(
+        f"transition latency ms: p50 {p50:.1f}  p99 {p99:.1f}  max {worst:.1f}  (target p99 <= 100)"
     )
     say(
         f"census latency ms over {active:,} active patients: p50 "
