@@ -15,7 +15,7 @@ from __future__ import annotations
 import bisect
 import datetime as dt
 import itertools
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +34,7 @@ from sqlalchemy import (
     Table,
     Text,
     bindparam,
+    delete,
     func,
     insert,
     select,
@@ -361,6 +362,40 @@ class ReadModel:
                 select(checkpoints.c.position).where(checkpoints.c.name == name)
             ).scalar()
         return int(value or 0)
+
+    def merge_checkpoints(
+        self, parts: Sequence[str], into: str, *, position: int, source: tuple[str, str]
+    ) -> None:
+        """End a parallel rebuild, in one transaction: every part's checkpoint must stand at
+        `position`; they become the one checkpoint `into`, and the read model's source
+        `source[0]` becomes `source[1]` (so that the ordinary runner goes on from there)."""
+        now = dt.datetime.now(dt.UTC)
+        with self.engine.begin() as conn:
+            _serialize(conn, SCHEMA_LOCK)
+            found = conn.execute(select(meta.c.value).where(meta.c.key == "source")).scalar()
+            if found != source[0]:
+                raise ReadModelError(
+                    f"this read model is fed by {found}, not by {source[0]}: nothing to merge",
+                    source=found,
+                )
+            saved = dict(
+                conn.execute(
+                    select(checkpoints.c.name, checkpoints.c.position)
+                    .where(checkpoints.c.name.in_(list(parts)))
+                    .with_for_update()
+                ).all()
+            )
+            behind = {name: int(saved.get(name) or 0) for name in parts}
+            behind = {name: at for name, at in behind.items() if at != position}
+            if behind:
+                listed = ", ".join(f"{name} at {at}" for name, at in sorted(behind.items()))
+                raise ReadModelError(
+                    f"cannot merge the shards' checkpoints: {listed}, not {position}. Run the "
+                    "same parallel rebuild again: each shard goes on from its checkpoint"
+                )
+            conn.execute(delete(checkpoints).where(checkpoints.c.name.in_(list(parts))))
+            _put_checkpoint(conn, into, position, now, None)
+            conn.execute(update(meta).where(meta.c.key == "source").values(value=source[1]))
 
     def checkpoints_like(self, prefix: str) -> dict[str, int]:
         with self.engine.connect() as conn:

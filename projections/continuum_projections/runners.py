@@ -19,6 +19,7 @@ import datetime as dt
 import gc
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -53,6 +54,8 @@ class Progress:
 
 
 ProgressFn = Callable[[Progress], None]
+#: A page of the log: (position, stream id, wire bytes).
+Page = list[tuple[int, str, str | bytes]]
 
 
 class _Base:
@@ -143,13 +146,21 @@ class StoreRunner(_Base):
         as_of: dt.datetime | None = None,
         flush_every: int = 50_000,
         page: int = 5_000,
-        name: str = STORE_CHECKPOINT,
+        name: str | None = None,
+        shard: tuple[int, int] | None = None,
     ) -> None:
         super().__init__(model, policies, as_of=as_of, flush_every=flush_every)
-        model.claim(_source(STORE_CHECKPOINT, as_of))
+        if shard is not None:
+            index, count = shard
+            if count < 2 or not 0 <= index < count:
+                raise ValueError(f"shard {index} of {count}: want 0 <= index < count, count >= 2")
+        #: (index, count): fold only the patients with `shard_of(key, count) == index` (a
+        #: parallel rebuild, `continuum_projections.parallel`), with a checkpoint of its own.
+        self.shard = shard
+        model.claim(source_name(sharded_source(shard[1]) if shard else STORE_CHECKPOINT, as_of))
         self.store = store
         self.page = page
-        self.name = name
+        self.name = name or (shard_checkpoint(*shard) if shard else STORE_CHECKPOINT)
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="log-reader")
         engine = getattr(store, "engine", None)
         self._ahead = engine is not None and engine.dialect.name == "postgresql"
@@ -192,9 +203,13 @@ class StoreRunner(_Base):
             if not page:
                 break
             ahead = self._read_ahead(page[-1][0], until)
-            events = [decode(body) for _, body in page]
+            end = page[-1][0]
+            if self.shard is not None:
+                index, count = self.shard
+                page = [row for row in page if shard_of(row[1], count) == index]
+            events = [decode(body) for _, _, body in page]
             self.fold.preload({event["stream_id"] for event in events})
-            for (position, _), event in zip(page, events, strict=True):
+            for (position, _, _), event in zip(page, events, strict=True):
                 event["position"] = position
                 self._apply(event)
                 pending += 1
@@ -208,25 +223,30 @@ class StoreRunner(_Base):
                     break
             if max_events is not None and self.progress.events >= max_events:
                 break
+            if self.shard is not None and not (stop is not None and stop.is_set()):
+                # Other shards' events are done with too: this shard has applied everything
+                # of its own up to the end of the page.
+                after = self.progress.position = end
         ahead.cancel()
         with contextlib.suppress(Exception):
             ahead.result()  # not used: read past a stop, or past the end
-        if pending:
+        if pending or (self.shard is not None and after > self.model.checkpoint(self.name)):
             self._flush({self.name: after})
         self._finish()
-        self.model.finish()
+        if self.shard is None:
+            self.model.finish()  # a parallel rebuild finishes once, after its last shard
         if on_progress:
             on_progress(self.progress)
         return self.progress
 
-    def _read_ahead(self, after: int, until: int | None) -> Future[list[tuple[int, str | bytes]]]:
+    def _read_ahead(self, after: int, until: int | None) -> Future[Page]:
         if self._ahead:
             return self._reader.submit(self._page, after, until)
-        done: Future[list[tuple[int, str | bytes]]] = Future()
+        done: Future[Page] = Future()
         done.set_result(self._page(after, until))
         return done
 
-    def _page(self, after: int, until: int | None) -> list[tuple[int, str | bytes]]:
+    def _page(self, after: int, until: int | None) -> Page:
         limit = self.page if until is None else min(self.page, until - after)
         return self.store.read_bodies(after, limit) if limit > 0 else []
 
@@ -266,7 +286,21 @@ def _quiet_gc() -> Iterator[None]:
             gc.enable()
 
 
-def _source(name: str, as_of: dt.datetime | None) -> str:
+def shard_of(stream_id: str, count: int) -> int:
+    """The shard of a patient in a parallel rebuild of `count` shards (stable everywhere)."""
+    return zlib.crc32(stream_id.encode()) % count
+
+
+def shard_checkpoint(index: int, count: int) -> str:
+    return f"{STORE_CHECKPOINT}:shard-{index}-of-{count}"
+
+
+def sharded_source(count: int) -> str:
+    """The source a read model names while a parallel rebuild of `count` shards fills it."""
+    return f"{STORE_CHECKPOINT} in {count} shards"
+
+
+def source_name(name: str, as_of: dt.datetime | None) -> str:
     return name if as_of is None else f"{name} as of {as_of.isoformat()}"
 
 
@@ -290,7 +324,7 @@ class KafkaRunner(_Base):
         max_poll_records: int = 5_000,
     ) -> None:
         super().__init__(model, policies, as_of=as_of, flush_every=flush_every)
-        model.claim(_source(f"kafka:{topic}", as_of))
+        model.claim(source_name(f"kafka:{topic}", as_of))
         self.consumer = consumer
         self.topic = topic
         self.poll_timeout_ms = poll_timeout_ms

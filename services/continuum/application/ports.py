@@ -68,10 +68,11 @@ class EventStore(abc.ABC):
         """Like `read_all`, in canonical wire form (stores may build it without validation)."""
         return [_wire(event) for event in self.read_all(after, limit)]
 
-    def read_bodies(self, after: int = 0, limit: int = 1000) -> list[tuple[int, str | bytes]]:
-        """(position, wire bytes) in position order. The bytes may carry `"position": null`:
-        the caller takes the position from the pair (the projections' fast path)."""
-        return [(w.position, w.value) for w in self.read_wire(after, limit)]
+    def read_bodies(self, after: int = 0, limit: int = 1000) -> list[tuple[int, str, str | bytes]]:
+        """(position, stream id, wire bytes) in position order. The bytes may carry
+        `"position": null`: the caller takes the position from the triple (the projections'
+        fast path; the stream id lets a shard skip other patients without decoding)."""
+        return [(w.position, w.stream_id, w.value) for w in self.read_wire(after, limit)]
 
     def iter_wire(self, after: int = 0, batch: int = 1000) -> Iterator[WireEvent]:
         while page := self.read_wire(after, batch):

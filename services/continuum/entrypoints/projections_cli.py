@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import functools
 import html
 import io
 import json
@@ -29,8 +30,11 @@ import typer
 from continuum.domain.errors import InvalidInput
 
 if TYPE_CHECKING:
+    from continuum.application.ports import EventStore
     from continuum.application.verify import Finding
     from continuum.bootstrap import App
+    from continuum.domain.policy import PolicyRegistry
+    from continuum.settings import Settings
     from continuum_projections.readmodel import ReadModel
     from continuum_projections.reports import Capacity, Census, DailyCensus
     from continuum_projections.runners import Progress
@@ -584,18 +588,45 @@ def replay(
     reset: Annotated[
         bool, typer.Option("--reset", help="Drop the read models found there first.")
     ] = True,
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers",
+            min=1,
+            max=16,
+            help="Store source: fold in this many processes, each a share of the patients "
+            "(about one per core). A stopped or failed run goes on when run again with "
+            "--no-reset.",
+        ),
+    ] = 1,
 ) -> None:
     """Rebuild every read model from the log into a separate database, with progress."""
     from continuum.entrypoints.cli import _app, _errors, out, record_access
 
     with _app() as application, _errors():
         moment = parse_moment(as_of, field="as_of")
+        if workers > 1 and source is not Source.STORE:
+            raise InvalidInput(
+                "--workers splits a rebuild from the store; the topic is already split by "
+                "partition: run several `continuum project --source kafka` workers instead",
+                field="workers",
+                rule="replay.workers_need_store",
+            )
         with _read_model(application, into) as model:
             if reset:
                 model.reset()
             stop = _stop_on_signals()
             started = time.monotonic()
-            if source is Source.STORE:
+            if source is Source.STORE and workers > 1:
+                from continuum_projections.parallel import rebuild
+
+                until = application.store.head_position()
+                opener = functools.partial(open_replay_parts, application.settings, into)
+                with _progress_bar(f"replaying the store ({workers} workers)", until) as tick:
+                    progress = rebuild(
+                        opener, workers, until=until, as_of=moment, on_progress=tick, stop=stop
+                    )
+            elif source is Source.STORE:
                 from continuum_projections.runners import StoreRunner
 
                 runner = StoreRunner(application.store, model, application.policies, as_of=moment)
@@ -622,6 +653,26 @@ def replay(
                 + f") in {elapsed:.1f} s into {_safe_url(into)}",
                 markup=False,
             )
+
+
+@contextmanager
+def open_replay_parts(
+    settings: Settings, into: str
+) -> Iterator[tuple[EventStore, ReadModel, PolicyRegistry]]:
+    """A parallel rebuild's shard (in its own process) opens the store and the read model."""
+    from continuum.adapters.sql.database import create_database_engine
+    from continuum.bootstrap import bootstrap
+    from continuum_projections.readmodel import ReadModel
+
+    application = bootstrap(settings, migrate=False)
+    try:
+        engine = create_database_engine(into)
+        try:
+            yield application.store, ReadModel(engine), application.policies
+        finally:
+            engine.dispose()
+    finally:
+        application.close()
 
 
 def projection_check(application: App) -> list[Finding]:

@@ -266,7 +266,7 @@ _READ_WIRE = text(
 )
 _READ_BODIES = text(
     """
-    SELECT l.position, e.body FROM event_log l JOIN events e ON e.row_id = l.row_id
+    SELECT l.position, e.stream_id, e.body FROM event_log l JOIN events e ON e.row_id = l.row_id
     WHERE l.position > :after ORDER BY l.position LIMIT :limit
     """
 )
@@ -718,18 +718,20 @@ class SqlEventStore(EventStore):
             for row in rows
         ]
 
-    def read_bodies(self, after: int = 0, limit: int = 1000) -> list[tuple[int, str | bytes]]:
-        """(position, stored wire text with "position": null) in position order, without
-        building WireEvents: the projections' rebuild path. Rows from before revision 0003
-        come from `read_wire`."""
+    def read_bodies(self, after: int = 0, limit: int = 1000) -> list[tuple[int, str, str | bytes]]:
+        """(position, stream id, stored wire text with "position": null) in position order,
+        without building WireEvents: the projections' rebuild path. Rows from before revision
+        0003 come from `read_wire`."""
         self.sequence()
         with self._reader() as conn:
-            rows: list[tuple[int, str | bytes]] = [
-                (position, body)
-                for position, body in conn.execute(_READ_BODIES, {"after": after, "limit": limit})
+            rows: list[tuple[int, str, str | bytes]] = [
+                (position, stream_id, body)
+                for position, stream_id, body in conn.execute(
+                    _READ_BODIES, {"after": after, "limit": limit}
+                )
             ]
-        if any(body is None for _, body in rows):
-            return [(w.position, w.value) for w in self.read_wire(after, limit)]
+        if any(body is None for _, _, body in rows):
+            return [(w.position, w.stream_id, w.value) for w in self.read_wire(after, limit)]
         return rows
 
     def find_idempotent(self, key: str, request_hash: str | None = None) -> AppendResult | None:
