@@ -159,3 +159,34 @@ def test_verify_rebuilds_the_projection_and_names_differences(cohort_cli: Cli) -
     engine.dispose()
     result = cohort_cli("verify", "--no-topic", code=14)
     assert f"rm_stays {stay}: level" in result.stdout + result.stderr
+
+
+def test_replay_with_two_workers_builds_what_one_builds(cohort_cli: Cli, tmp_path: Path) -> None:
+    from continuum.adapters.sql.database import create_database_engine
+    from continuum_projections.compare import diff_read_models
+    from continuum_projections.readmodel import ReadModel
+
+    one = f"sqlite:///{tmp_path / 'one.sqlite3'}"
+    two = f"sqlite:///{tmp_path / 'two.sqlite3'}"
+    cohort_cli("replay", "--into", one)
+    result = cohort_cli("replay", "--into", two, "--workers", "2")
+    assert "replayed" in result.stdout
+    assert "(2 workers)" in result.stderr  # the progress bar
+    expected, actual = create_database_engine(one), create_database_engine(two)
+    try:
+        assert diff_read_models(expected, actual) == []
+        head = ReadModel(expected).checkpoint("store")
+        assert head > 0
+        assert ReadModel(actual).checkpoints_like("store") == {"store": head}
+        assert ReadModel(actual).source() == "store"
+    finally:
+        expected.dispose()
+        actual.dispose()
+
+
+def test_replay_workers_split_only_the_store(cohort_cli: Cli, tmp_path: Path) -> None:
+    target = f"sqlite:///{tmp_path / 'no.sqlite3'}"
+    result = cohort_cli("replay", "--into", target, "--source", "kafka", "--workers", "2", code=3)
+    assert '"field": "workers"' in result.stderr
+    assert "replay.workers_need_store" in result.stderr
+    assert "continuum project --source kafka" in result.stderr
