@@ -54,8 +54,10 @@ cores did meanwhile (other jobs on a shared host), in cores.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import datetime as dt
+import functools
 import heapq
 import io
 import math
@@ -1049,6 +1051,82 @@ def in_child(label: str, fn: Callable[[Any], dict[str, Any]], spec: Any) -> Run:
     return run
 
 
+# -- 3b. our rebuild in several processes (continuum_projections.parallel) --------------------
+
+
+@contextlib.contextmanager
+def open_bench_parts(url: str, source: str, target: str) -> Iterator[tuple[Any, Any, Any]]:
+    """What each shard's process opens: the dataset's store, the target read model."""
+    from continuum.adapters.sql.store import SqlEventStore
+    from continuum_projections.readmodel import ReadModel
+
+    source_engine = create_database_engine(url, schema=source, pool_size=2)
+    target_engine = create_database_engine(url, schema=target, pool_size=2)
+    try:
+        model = ReadModel(target_engine)
+        model.create()
+        yield SqlEventStore(source_engine), model, PolicyRegistry.bundled()
+    finally:
+        source_engine.dispose()
+        target_engine.dispose()
+
+
+def rebuild_parallel(url: str, source: str, target: str, workers: int, until: int) -> Run:
+    """`parallel.rebuild` with `workers` shard processes, started from this process (a pool's
+    worker may not start processes). Peak RSS is the largest shard's; client CPU is the
+    shards' and the coordinator's; server CPU is the rest of the machine's CPU meanwhile (so
+    it includes anything else running)."""
+    from continuum_projections.parallel import rebuild
+    from continuum_projections.runners import Progress
+
+    label = f"ours, {workers} processes"
+    last = [time.perf_counter()]
+
+    def progress(p: Progress) -> None:
+        now = time.perf_counter()
+        if now - last[0] < 5 and p.position < p.target:
+            return
+        last[0] = now
+        rate = p.rate
+        eta = (p.target - p.position) / rate if rate else 0.0
+        say(
+            f"  {label}: {p.events:,} events, position {p.position:,}/{p.target:,} "
+            f"({rate:,.0f}/s), ETA {eta:,.0f} s, load {loadavg()}"
+        )
+
+    opener = functools.partial(open_bench_parts, url, source, target)
+    machine = machine_cpu_seconds()
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    done = rebuild(opener, workers, until=until, on_progress=progress)
+    seconds = time.perf_counter() - started
+    after_machine = machine_cpu_seconds()
+    own_after = resource.getrusage(resource.RUSAGE_SELF)
+    children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    client = sum(
+        (b.ru_utime + b.ru_stime) - (a.ru_utime + a.ru_stime)
+        for a, b in ((own, own_after), (children, children_after))
+    )
+    total = (after_machine - machine) if machine is not None and after_machine else 0.0
+    result = {
+        "events": done.events,
+        "seconds": seconds,
+        "rate": done.events / seconds,
+        "peak_rss_mb": children_after.ru_maxrss / 1024,
+        "baseline_rss_mb": float("nan"),
+        "client_cpu": client,
+        "server_cpu": max(0.0, total - client),
+        "process_cpu": client,
+    }
+    say(
+        f"{label}: {done.events:,} events in {seconds:,.1f} s = {result['rate']:,.0f} events/s, "
+        f"largest shard's peak RSS {result['peak_rss_mb']:,.0f} MB, CPU client {client:,.1f} s "
+        f"+ server and others {result['server_cpu']:,.1f} s"
+    )
+    return Run(label, result, seconds, None)
+
+
 # -- 4. as-of queries -----------------------------------------------------------------------------
 
 
@@ -1110,6 +1188,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sqlite", action="store_true", help="also rebuild into SQLite")
     parser.add_argument("--skip-es", action="store_true", help="skip the eventsourcing runs")
     parser.add_argument(
+        "--shards",
+        type=int,
+        default=2,
+        help="also rebuild with continuum_projections.parallel in this many processes "
+        "(default 2, one per core here; 1 skips it)",
+    )
+    parser.add_argument(
         "--es-per-event-events",
         type=int,
         default=50_000,
@@ -1169,6 +1254,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             "ours", rebuild_ours, RebuildSpec(pg.url, source, rm_schema, tag=f"bench-{run_id}-cc")
         )
         runs.append(ours)
+        parallel_schema = None
+        if args.shards > 1:
+            parallel_schema = f"bench_rmpar_{run_id}"
+            create_schema(pg, parallel_schema)
+            created.append(parallel_schema)
+            say(f"rebuilding in {args.shards} processes into {parallel_schema}")
+            runs.append(rebuild_parallel(pg.url, source, parallel_schema, args.shards, n_events))
         if args.sqlite:
             path = str(Path(scratch.name) / "readmodel.sqlite3")
             say(f"rebuilding our read models into SQLite {path}")
@@ -1207,6 +1299,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ours_levels = {k: v for k, v in census.levels().items() if v}
                 latest = reports.census_as_of(conn, facts["recorded"][1])
             checks = [f"our census: {census.total:,} active patients"]
+            if parallel_schema is not None:
+                from continuum_projections.compare import diff_read_models
+
+                par_engine = create_database_engine(pg.url, schema=parallel_schema, pool_size=2)
+                try:
+                    differences = diff_read_models(rm_engine, par_engine)
+                finally:
+                    par_engine.dispose()
+                if differences:
+                    raise AssertionError(
+                        f"the {args.shards}-process rebuild differs: {differences[:5]}"
+                    )
+                checks.append(f"{args.shards}-process read model == one-process read model")
             if {k: v for k, v in latest.levels().items() if v} != ours_levels:
                 raise AssertionError("census as of the last recorded time != current census")
             checks.append("census_as_of(last recorded time) == current census")
