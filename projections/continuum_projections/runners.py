@@ -19,7 +19,6 @@ import datetime as dt
 import gc
 import threading
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -154,7 +153,7 @@ class StoreRunner(_Base):
             index, count = shard
             if count < 2 or not 0 <= index < count:
                 raise ValueError(f"shard {index} of {count}: want 0 <= index < count, count >= 2")
-        #: (index, count): fold only the patients with `shard_of(key, count) == index` (a
+        #: (index, count): fold only the patients of shard `index` (the store's choice; a
         #: parallel rebuild, `continuum_projections.parallel`), with a checkpoint of its own.
         self.shard = shard
         model.claim(source_name(sharded_source(shard[1]) if shard else STORE_CHECKPOINT, as_of))
@@ -191,22 +190,21 @@ class StoreRunner(_Base):
     ) -> Progress:
         self.store.sequence()
         after = self.model.checkpoint(self.name)
+        if until is None and self.shard is not None:
+            until = self.store.head_position()  # shards read windows of positions up to here
         self.progress.position = after
         self.progress.target = self.store.head_position() if until is None else until
         pending = 0
+        scanned = after  # the log is read up to here (a shard's pages skip others' events)
         # PostgreSQL: the next page is read by another thread while this one is folded, so
         # the query's time on the server (an index probe per event) hides behind the fold.
         # SQLite reads in line (in-process, and an in-memory database is per thread).
-        ahead = self._read_ahead(after, until)
+        ahead = self._read_ahead(scanned, until)
         while stop is None or not stop.is_set():
-            page = ahead.result()
-            if not page:
+            page, end = ahead.result()
+            if end <= scanned:
                 break
-            ahead = self._read_ahead(page[-1][0], until)
-            end = page[-1][0]
-            if self.shard is not None:
-                index, count = self.shard
-                page = [row for row in page if shard_of(row[1], count) == index]
+            ahead = self._read_ahead(end, until)
             events = [decode(body) for _, _, body in page]
             self.fold.preload({event["stream_id"] for event in events})
             for (position, _, _), event in zip(page, events, strict=True):
@@ -223,9 +221,9 @@ class StoreRunner(_Base):
                     break
             if max_events is not None and self.progress.events >= max_events:
                 break
-            if self.shard is not None and not (stop is not None and stop.is_set()):
-                # Other shards' events are done with too: this shard has applied everything
-                # of its own up to the end of the page.
+            scanned = end
+            if self.shard is not None:
+                # The other shards' events in the window are done with too.
                 after = self.progress.position = end
         ahead.cancel()
         with contextlib.suppress(Exception):
@@ -239,16 +237,25 @@ class StoreRunner(_Base):
             on_progress(self.progress)
         return self.progress
 
-    def _read_ahead(self, after: int, until: int | None) -> Future[Page]:
+    def _read_ahead(self, after: int, until: int | None) -> Future[tuple[Page, int]]:
         if self._ahead:
             return self._reader.submit(self._page, after, until)
-        done: Future[Page] = Future()
+        done: Future[tuple[Page, int]] = Future()
         done.set_result(self._page(after, until))
         return done
 
-    def _page(self, after: int, until: int | None) -> Page:
+    def _page(self, after: int, until: int | None) -> tuple[Page, int]:
+        """The next events and the position the log was read up to. A shard reads a window
+        of `page` positions per shard and gets only its own patients' events from it."""
+        if self.shard is not None and until is not None:
+            index, count = self.shard
+            upto = min(after + self.page * count, until)
+            if upto <= after:
+                return [], after
+            return self.store.read_shard_bodies(after, upto, index, count), upto
         limit = self.page if until is None else min(self.page, until - after)
-        return self.store.read_bodies(after, limit) if limit > 0 else []
+        rows = self.store.read_bodies(after, limit) if limit > 0 else []
+        return rows, rows[-1][0] if rows else after
 
     def close(self) -> None:
         super().close()
@@ -284,11 +291,6 @@ def _quiet_gc() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
-
-
-def shard_of(stream_id: str, count: int) -> int:
-    """The shard of a patient in a parallel rebuild of `count` shards (stable everywhere)."""
-    return zlib.crc32(stream_id.encode()) % count
 
 
 def shard_checkpoint(index: int, count: int) -> str:

@@ -169,6 +169,26 @@ def test_read_all_pages_by_after_and_limit(store: EventStore, make_stream: MakeS
     assert list(store.iter_all(after=7)) == []
 
 
+def test_shards_split_a_window_of_the_log_by_patient(
+    store: EventStore, make_stream: MakeStream
+) -> None:
+    """A parallel rebuild's shards: together exactly the window's events, in order, each
+    patient in one shard only."""
+    for _ in range(4):
+        _three_streams(store, make_stream)  # 12 patients, 28 events
+    window = store.read_bodies(3, 20)
+    assert [row[0] for row in window] == list(range(4, 24))
+    for count in (2, 3):
+        shards = [store.read_shard_bodies(3, 23, index, count) for index in range(count)]
+        merged = sorted((row for shard in shards for row in shard), key=lambda row: row[0])
+        assert merged == window
+        for shard in shards:
+            assert [row[0] for row in shard] == sorted(row[0] for row in shard)
+        owners = [{row[1] for row in shard} for shard in shards]
+        assert sum(len(o) for o in owners) == len(set().union(*owners))
+    assert store.read_shard_bodies(28, 28, 0, 2) == []
+
+
 def test_empty_store(store: EventStore) -> None:
     assert store.head_position() == 0
     assert store.read_all() == []

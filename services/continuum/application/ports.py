@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import datetime as dt
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -21,6 +22,11 @@ class WireEvent:
     event_type: str
     schema_version: int
     value: bytes
+
+
+def shard_of(stream_id: str, count: int) -> int:
+    """A patient's shard of `count` where a store has no way of its own (crc32 of the key)."""
+    return zlib.crc32(stream_id.encode()) % count
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,21 @@ class EventStore(abc.ABC):
         `"position": null`: the caller takes the position from the triple (the projections'
         fast path; the stream id lets a shard skip other patients without decoding)."""
         return [(w.position, w.stream_id, w.value) for w in self.read_wire(after, limit)]
+
+    def read_shard_bodies(
+        self, after: int, upto: int, index: int, count: int
+    ) -> list[tuple[int, str, str | bytes]]:
+        """Like `read_bodies`, for the positions in (`after`, `upto`], but only the events of
+        the patients in shard `index` of `count` (a parallel rebuild). Which patients make a
+        shard is the store's own choice, the same on every call; this one: `shard_of`."""
+        rows: list[tuple[int, str, str | bytes]] = []
+        while after < upto:
+            page = self.read_bodies(after, min(5_000, upto - after))
+            if not page:
+                break
+            rows.extend(row for row in page if shard_of(row[1], count) == index)
+            after = page[-1][0]
+        return rows
 
     def iter_wire(self, after: int = 0, batch: int = 1000) -> Iterator[WireEvent]:
         while page := self.read_wire(after, batch):
