@@ -1073,7 +1073,8 @@ def open_bench_parts(url: str, source: str, target: str) -> Iterator[tuple[Any, 
 
 def rebuild_parallel(url: str, source: str, target: str, workers: int, until: int) -> Run:
     """`parallel.rebuild` with `workers` shard processes, started from this process (a pool's
-    worker may not start processes). Peak RSS is the largest shard's; client CPU is the
+    worker may not start processes). Peak RSS is the largest shard's (VmHWM, read at each
+    progress report), and in place of "after imports" the shards' sum; client CPU is the
     shards' and the coordinator's; server CPU is the rest of the machine's CPU meanwhile (so
     it includes anything else running)."""
     from continuum_projections.parallel import rebuild
@@ -1081,8 +1082,15 @@ def rebuild_parallel(url: str, source: str, target: str, workers: int, until: in
 
     label = f"ours, {workers} processes"
     last = [time.perf_counter()]
+    peaks: dict[int, float] = {}  # shard pid -> VmHWM MB, read at each progress report
 
     def progress(p: Progress) -> None:
+        for child in mp.active_children():
+            if child.name.startswith("rebuild-shard-") and child.pid is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    for line in Path(f"/proc/{child.pid}/status").read_text().splitlines():
+                        if line.startswith("VmHWM:"):
+                            peaks[child.pid] = int(line.split()[1]) / 1024
         now = time.perf_counter()
         if now - last[0] < 5 and p.position < p.target:
             return
@@ -1113,15 +1121,16 @@ def rebuild_parallel(url: str, source: str, target: str, workers: int, until: in
         "events": done.events,
         "seconds": seconds,
         "rate": done.events / seconds,
-        "peak_rss_mb": children_after.ru_maxrss / 1024,
-        "baseline_rss_mb": float("nan"),
+        "peak_rss_mb": max(peaks.values(), default=float("nan")),
+        "baseline_rss_mb": sum(peaks.values()),
         "client_cpu": client,
         "server_cpu": max(0.0, total - client),
         "process_cpu": client,
     }
     say(
         f"{label}: {done.events:,} events in {seconds:,.1f} s = {result['rate']:,.0f} events/s, "
-        f"largest shard's peak RSS {result['peak_rss_mb']:,.0f} MB, CPU client {client:,.1f} s "
+        f"largest shard's peak RSS {result['peak_rss_mb']:,.0f} MB (all shards "
+        f"{result['baseline_rss_mb']:,.0f} MB), CPU client {client:,.1f} s "
         f"+ server and others {result['server_cpu']:,.1f} s"
     )
     return Run(label, result, seconds, None)
