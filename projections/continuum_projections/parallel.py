@@ -85,11 +85,13 @@ def rebuild(
     on_progress: ProgressFn | None = None,
     stop: threading.Event | None = None,
     poll_s: float = 0.2,
-    flush_every: int = 50_000,
+    flush_every: int = 25_000,
     page: int = 5_000,
 ) -> Progress:
     """Fold every event up to position `until` in `shards` processes; merge their checkpoints
-    and build the query indexes once all are done. Returns the summed progress. A stop leaves
+    and build the query indexes once all are done. Each shard writes a batch every
+    `flush_every` of its events (a batch's rows are most of a process's memory: two shards of
+    25,000 hold about what one process of 50,000 does). Returns the summed progress. A stop leaves
     the shards where they are (the same call again goes on); a failed shard stops the others
     and raises `ShardFailed` naming it."""
     if shards < 2:

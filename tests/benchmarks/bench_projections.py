@@ -1071,7 +1071,9 @@ def open_bench_parts(url: str, source: str, target: str) -> Iterator[tuple[Any, 
         target_engine.dispose()
 
 
-def rebuild_parallel(url: str, source: str, target: str, workers: int, until: int) -> Run:
+def rebuild_parallel(
+    url: str, source: str, target: str, workers: int, until: int, batch: int
+) -> Run:
     """`parallel.rebuild` with `workers` shard processes, started from this process (a pool's
     worker may not start processes). Peak RSS is the largest shard's (VmHWM, read at each
     progress report), and in place of "after imports" the shards' sum; client CPU is the
@@ -1080,7 +1082,7 @@ def rebuild_parallel(url: str, source: str, target: str, workers: int, until: in
     from continuum_projections.parallel import rebuild
     from continuum_projections.runners import Progress
 
-    label = f"ours, {workers} processes"
+    label = f"ours, {workers} processes ({batch:,}-event batches)"
     last = [time.perf_counter()]
     peaks: dict[int, float] = {}  # shard pid -> VmHWM MB, read at each progress report
 
@@ -1107,7 +1109,7 @@ def rebuild_parallel(url: str, source: str, target: str, workers: int, until: in
     own = resource.getrusage(resource.RUSAGE_SELF)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    done = rebuild(opener, workers, until=until, on_progress=progress)
+    done = rebuild(opener, workers, until=until, on_progress=progress, flush_every=batch)
     seconds = time.perf_counter() - started
     after_machine = machine_cpu_seconds()
     own_after = resource.getrusage(resource.RUSAGE_SELF)
@@ -1204,6 +1206,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(default 2, one per core here; 1 skips it)",
     )
     parser.add_argument(
+        "--shard-batch",
+        type=int,
+        default=25_000,
+        help="events per batch in each shard of the parallel run (default 25,000)",
+    )
+    parser.add_argument(
         "--es-per-event-events",
         type=int,
         default=50_000,
@@ -1269,7 +1277,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             create_schema(pg, parallel_schema)
             created.append(parallel_schema)
             say(f"rebuilding in {args.shards} processes into {parallel_schema}")
-            runs.append(rebuild_parallel(pg.url, source, parallel_schema, args.shards, n_events))
+            runs.append(
+                rebuild_parallel(
+                    pg.url, source, parallel_schema, args.shards, n_events, args.shard_batch
+                )
+            )
         if args.sqlite:
             path = str(Path(scratch.name) / "readmodel.sqlite3")
             say(f"rebuilding our read models into SQLite {path}")
