@@ -1208,8 +1208,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--shard-batch",
         type=int,
-        default=25_000,
-        help="events per batch in each shard of the parallel run (default 25,000)",
+        default=50_000,
+        help="events per batch in each shard of the parallel run (default 50,000, as the "
+        "one-process run)",
     )
     parser.add_argument(
         "--es-per-event-events",
