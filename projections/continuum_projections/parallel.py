@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import multiprocessing
 import queue
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -219,7 +220,10 @@ def _shard_main(
     messages: Any,
     halt: ProcessEvent,
 ) -> None:
-    """One shard, in its own process: report progress; on failure, report the error."""
+    """One shard, in its own process: report progress; on failure, report the error. Ctrl-C
+    at a terminal reaches every process of the group: a shard leaves it to the coordinator,
+    which stops all shards cleanly (between pages, batches committed)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     stop = _Halted(halt)
     flush_every, page = sizes
 

@@ -208,3 +208,30 @@ def _shard_midway(model: ReadModel, head: int, guard: float = 60.0) -> int:
             return children[0].pid
         time.sleep(0.001)
     raise AssertionError("shard 0 committed nothing within the guard time")
+
+
+def test_ctrl_c_reaching_a_shard_leaves_the_stop_to_the_coordinator(
+    pg_url: str, cohort: tuple[Engine, ReadModel, int]
+) -> None:
+    """A terminal's Ctrl-C goes to every process of the group. A shard ignores it (the
+    coordinator stops the shards itself), so the run goes on, here to the end."""
+    log, reference, head = cohort
+    with fresh_pg_schema(pg_url, prefix="par_int") as target:
+        opener = functools.partial(_open, pg_url, _schema(log), _schema(target))
+        built = ReadModel(target)
+        built.create()
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                rebuild(opener, SHARDS, until=head, flush_every=10, page=50)
+            except BaseException as exc:  # checked below
+                errors.append(exc)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        os.kill(_shard_midway(built, head), signal.SIGINT)
+        thread.join(timeout=120)
+        assert not thread.is_alive()
+        assert errors == []
+        _assert_same(reference, built, head)

@@ -626,6 +626,15 @@ def replay(
                     progress = rebuild(
                         opener, workers, until=until, as_of=moment, on_progress=tick, stop=stop
                     )
+                if progress.position < until:
+                    from continuum.entrypoints.cli import err
+
+                    err.print(
+                        f"stopped at position {progress.position} of {until}: run the same "
+                        "replay with --no-reset to go on (each worker resumes from its "
+                        "checkpoint)",
+                        markup=False,
+                    )
             elif source is Source.STORE:
                 from continuum_projections.runners import StoreRunner
 
