@@ -26,7 +26,7 @@ from continuum.domain.policy import PolicyRegistry
 from continuum.simulation.cohort import simulate_cohort
 from continuum_projections import readmodel as rm
 from continuum_projections.compare import diff_read_models
-from continuum_projections.parallel import ShardFailed, rebuild
+from continuum_projections.parallel import Opener, ShardFailed, rebuild
 from continuum_projections.readmodel import ReadModel, ReadModelError
 from continuum_projections.runners import StoreRunner, shard_checkpoint
 from tests.support import FixedClock, fresh_pg_schema, scratch_patient
@@ -173,28 +173,35 @@ def test_a_sigkilled_shard_is_reported_and_the_rebuild_goes_on_to_the_same_read_
     with fresh_pg_schema(pg_url, prefix="par_kill") as target:
         opener = functools.partial(_open, pg_url, _schema(log), _schema(target))
         built = ReadModel(target)
-        built.create()
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                # Small batches, so that the kill lands between commits of a running shard.
-                rebuild(opener, SHARDS, until=head, flush_every=10, page=50)
-            except BaseException as exc:  # checked below
-                errors.append(exc)
-
-        thread = threading.Thread(target=run)
-        thread.start()
-        victim = _shard_midway(built, head)
-        os.kill(victim, signal.SIGKILL)
-        thread.join(timeout=120)
-        assert not thread.is_alive()
+        errors = _signal_shard_midway(opener, built, head, signal.SIGKILL)
         assert len(errors) == 1 and isinstance(errors[0], ShardFailed), errors
         assert "exited with code -9" in str(errors[0])
         assert built.source() == f"store in {SHARDS} shards"
 
         rebuild(opener, SHARDS, until=head)
         _assert_same(reference, built, head)
+
+
+def _signal_shard_midway(
+    opener: Opener, model: ReadModel, head: int, signum: signal.Signals
+) -> list[BaseException]:
+    """Rebuild in small batches (so that the signal lands between commits of a running
+    shard), send `signum` to shard 0 mid-way, and return what the rebuild raised."""
+    model.create()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            rebuild(opener, SHARDS, until=head, flush_every=10, page=50)
+        except BaseException as exc:  # returned to the test
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    os.kill(_shard_midway(model, head), signum)
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    return errors
 
 
 def _shard_midway(model: ReadModel, head: int, guard: float = 60.0) -> int:
@@ -219,19 +226,5 @@ def test_ctrl_c_reaching_a_shard_leaves_the_stop_to_the_coordinator(
     with fresh_pg_schema(pg_url, prefix="par_int") as target:
         opener = functools.partial(_open, pg_url, _schema(log), _schema(target))
         built = ReadModel(target)
-        built.create()
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                rebuild(opener, SHARDS, until=head, flush_every=10, page=50)
-            except BaseException as exc:  # checked below
-                errors.append(exc)
-
-        thread = threading.Thread(target=run)
-        thread.start()
-        os.kill(_shard_midway(built, head), signal.SIGINT)
-        thread.join(timeout=120)
-        assert not thread.is_alive()
-        assert errors == []
+        assert _signal_shard_midway(opener, built, head, signal.SIGINT) == []
         _assert_same(reference, built, head)
