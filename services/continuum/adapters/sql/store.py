@@ -732,15 +732,8 @@ class SqlEventStore(EventStore):
         """(position, stream id, stored wire text with "position": null) in position order,
         without building WireEvents: the projections' rebuild path. Rows from before revision
         0003 come from `read_wire`."""
-        self.sequence()
-        with self._reader() as conn:
-            rows: list[tuple[int, str, str | bytes]] = [
-                (position, stream_id, body)
-                for position, stream_id, body in conn.execute(
-                    _READ_BODIES, {"after": after, "limit": limit}
-                )
-            ]
-        if any(body is None for _, _, body in rows):
+        rows = self._bodies(_READ_BODIES, {"after": after, "limit": limit})
+        if rows is None:
             return [(w.position, w.stream_id, w.value) for w in self.read_wire(after, limit)]
         return rows
 
@@ -749,18 +742,26 @@ class SqlEventStore(EventStore):
     ) -> list[tuple[int, str, str | bytes]]:
         """PostgreSQL picks the shard's rows itself (`hashtext` of the key); SQLite filters
         in Python (`shard_of`)."""
-        if self.engine.dialect.name != "postgresql":
+        rows = None
+        if self.engine.dialect.name == "postgresql":
+            params = {"after": after, "upto": upto, "index": index, "count": count}
+            rows = self._bodies(_READ_SHARD_BODIES_PG, params)
+        if rows is None:  # SQLite, or rows from before revision 0003
             return super().read_shard_bodies(after, upto, index, count)
+        return rows
+
+    def _bodies(
+        self, statement: Any, params: dict[str, Any]
+    ) -> list[tuple[int, str, str | bytes]] | None:
+        """(position, stream id, body) rows of a bodies query; None if any row predates the
+        stored body (revision 0003), for the caller's slower path."""
         self.sequence()
-        params = {"after": after, "upto": upto, "index": index, "count": count}
         with self._reader() as conn:
             rows: list[tuple[int, str, str | bytes]] = [
                 (position, stream_id, body)
-                for position, stream_id, body in conn.execute(_READ_SHARD_BODIES_PG, params)
+                for position, stream_id, body in conn.execute(statement, params)
             ]
-        if any(body is None for _, _, body in rows):  # rows from before revision 0003
-            return super().read_shard_bodies(after, upto, index, count)
-        return rows
+        return None if any(body is None for _, _, body in rows) else rows
 
     def find_idempotent(self, key: str, request_hash: str | None = None) -> AppendResult | None:
         with self._reader() as conn:
