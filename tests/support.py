@@ -12,10 +12,12 @@ from sqlalchemy import Engine, text
 from continuum.adapters.memory import InMemoryEventStore
 from continuum.adapters.sql.database import create_database_engine
 from continuum.adapters.sql.migrate import upgrade
+from continuum.adapters.sql.store import SqlEventStore
 from continuum.application.service import CommandContext, PatientService
 from continuum.domain import commands as c
 from continuum.domain.policy import PolicyRegistry
 from continuum_events import Actor, PatientEvent
+from continuum_projections.readmodel import ReadModel
 
 T0 = dt.datetime(2026, 1, 5, 9, 0, tzinfo=dt.UTC)
 
@@ -84,6 +86,23 @@ def fresh_pg_schema(
         with admin.begin() as conn:
             conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
+
+
+@contextmanager
+def open_rebuild_parts(
+    url: str, store_schema: str, model_schema: str
+) -> Iterator[tuple[SqlEventStore, ReadModel, PolicyRegistry]]:
+    """A parallel rebuild's opener (`continuum_projections.parallel.Opener`, through
+    functools.partial): the store in one PostgreSQL schema, the read model in another."""
+    source = create_database_engine(url, schema=store_schema, pool_size=2)
+    target = create_database_engine(url, schema=model_schema, pool_size=2)
+    try:
+        model = ReadModel(target)
+        model.create()
+        yield SqlEventStore(source), model, PolicyRegistry.bundled()
+    finally:
+        source.dispose()
+        target.dispose()
 
 
 def scratch_patient(

@@ -93,6 +93,8 @@ from psycopg import sql
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests.support, for shards too
+
 from continuum.adapters.memory import InMemoryEventStore
 from continuum.adapters.sql.database import create_database_engine
 from continuum.adapters.sql.migrate import upgrade
@@ -102,6 +104,7 @@ from continuum.domain import commands as c
 from continuum.domain.policy import PolicyRegistry
 from continuum.simulation.cohort import simulate_cohort
 from continuum_events import EVENT_TYPES, canonical_json, parse_event, wire
+from tests.support import open_rebuild_parts
 
 DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/continuum_test"
 DEFAULT_EVENTS = 1_000_000
@@ -653,6 +656,26 @@ def dataset_facts(pg: PgInfo, schema: str) -> dict[str, Any]:
     }
 
 
+def progress_printer(label: str, extra: Callable[[], str] = str) -> Callable[[Any], None]:
+    """A rebuild's progress callback: a line every 5 s and at the end (`extra()` goes before
+    the load average)."""
+    last = [time.perf_counter()]
+
+    def show(p: Any) -> None:
+        now = time.perf_counter()
+        if now - last[0] < 5 and p.position < p.target:
+            return
+        last[0] = now
+        rate = p.rate
+        eta = (p.target - p.position) / rate if rate else 0.0
+        say(
+            f"  {label}: {p.events:,} events, position {p.position:,}/{p.target:,} "
+            f"({rate:,.0f}/s), ETA {eta:,.0f} s, {extra()}load {loadavg()}"
+        )
+
+    return show
+
+
 # -- 2. our rebuild (child process) ----------------------------------------------------------------
 
 
@@ -672,7 +695,7 @@ def rebuild_ours(spec: RebuildSpec) -> dict[str, Any]:
     os.environ["PGAPPNAME"] = spec.tag
     from continuum.adapters.sql.store import SqlEventStore
     from continuum_projections.readmodel import ReadModel
-    from continuum_projections.runners import Progress, StoreRunner
+    from continuum_projections.runners import StoreRunner
 
     baseline = current_rss_mb()
     pg = PgInfo.of(spec.url)
@@ -685,20 +708,7 @@ def rebuild_ours(spec: RebuildSpec) -> dict[str, Any]:
     model.create()
     policies = PolicyRegistry.bundled()
     label = "ours" if spec.backend == "postgresql" else "ours->sqlite"
-    last = [time.perf_counter()]
-
-    def progress(p: Progress) -> None:
-        now = time.perf_counter()
-        if now - last[0] < 5 and p.position < p.target:
-            return
-        last[0] = now
-        rate = p.rate
-        eta = (p.target - p.position) / rate if rate else 0.0
-        say(
-            f"  {label}: {p.events:,} events, position {p.position:,}/{p.target:,} "
-            f"({rate:,.0f}/s), ETA {eta:,.0f} s, RSS {current_rss_mb():,.0f} MB, "
-            f"load {loadavg()}"
-        )
+    progress = progress_printer(label, lambda: f"RSS {current_rss_mb():,.0f} MB, ")
 
     cpu_before = own_cpu_seconds()
     started = time.perf_counter()
@@ -1054,23 +1064,6 @@ def in_child(label: str, fn: Callable[[Any], dict[str, Any]], spec: Any) -> Run:
 # -- 3b. our rebuild in several processes (continuum_projections.parallel) --------------------
 
 
-@contextlib.contextmanager
-def open_bench_parts(url: str, source: str, target: str) -> Iterator[tuple[Any, Any, Any]]:
-    """What each shard's process opens: the dataset's store, the target read model."""
-    from continuum.adapters.sql.store import SqlEventStore
-    from continuum_projections.readmodel import ReadModel
-
-    source_engine = create_database_engine(url, schema=source, pool_size=2)
-    target_engine = create_database_engine(url, schema=target, pool_size=2)
-    try:
-        model = ReadModel(target_engine)
-        model.create()
-        yield SqlEventStore(source_engine), model, PolicyRegistry.bundled()
-    finally:
-        source_engine.dispose()
-        target_engine.dispose()
-
-
 def rebuild_parallel(
     url: str, source: str, target: str, workers: int, until: int, batch: int
 ) -> Run:
@@ -1083,8 +1076,8 @@ def rebuild_parallel(
     from continuum_projections.runners import Progress
 
     label = f"ours, {workers} processes ({batch:,}-event batches)"
-    last = [time.perf_counter()]
     peaks: dict[int, float] = {}  # shard pid -> VmHWM MB, read at each progress report
+    show = progress_printer(label)
 
     def progress(p: Progress) -> None:
         for child in mp.active_children():
@@ -1093,18 +1086,9 @@ def rebuild_parallel(
                     for line in Path(f"/proc/{child.pid}/status").read_text().splitlines():
                         if line.startswith("VmHWM:"):
                             peaks[child.pid] = int(line.split()[1]) / 1024
-        now = time.perf_counter()
-        if now - last[0] < 5 and p.position < p.target:
-            return
-        last[0] = now
-        rate = p.rate
-        eta = (p.target - p.position) / rate if rate else 0.0
-        say(
-            f"  {label}: {p.events:,} events, position {p.position:,}/{p.target:,} "
-            f"({rate:,.0f}/s), ETA {eta:,.0f} s, load {loadavg()}"
-        )
+        show(p)
 
-    opener = functools.partial(open_bench_parts, url, source, target)
+    opener = functools.partial(open_rebuild_parts, url, source, target)
     machine = machine_cpu_seconds()
     own = resource.getrusage(resource.RUSAGE_SELF)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)

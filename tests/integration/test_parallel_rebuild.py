@@ -18,7 +18,6 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import Engine, text
 
-from continuum.adapters.sql.database import create_database_engine
 from continuum.adapters.sql.store import SqlEventStore
 from continuum.application.ports import EventStore
 from continuum.application.service import PatientService
@@ -29,7 +28,7 @@ from continuum_projections.compare import diff_read_models
 from continuum_projections.parallel import Opener, ShardFailed, rebuild
 from continuum_projections.readmodel import ReadModel, ReadModelError
 from continuum_projections.runners import StoreRunner, shard_checkpoint
-from tests.support import FixedClock, fresh_pg_schema, scratch_patient
+from tests.support import FixedClock, fresh_pg_schema, open_rebuild_parts, scratch_patient
 
 pytestmark = pytest.mark.postgres
 
@@ -45,18 +44,12 @@ def _schema(engine: Engine) -> str:
 def _open(
     url: str, store_schema: str, model_schema: str, fail_in_shard: bool = False
 ) -> Iterator[tuple[EventStore, ReadModel, PolicyRegistry]]:
-    """The opener each shard's process calls (module level, so that it pickles)."""
+    """The opener each shard's process calls (module level, so that it pickles); it can
+    fail in the shards' processes only."""
     if fail_in_shard and multiprocessing.parent_process() is not None:
         raise RuntimeError("the shard's database is unreachable (injected)")
-    source = create_database_engine(url, schema=store_schema, pool_size=2)
-    target = create_database_engine(url, schema=model_schema, pool_size=2)
-    try:
-        model = ReadModel(target)
-        model.create()
-        yield SqlEventStore(source), model, PolicyRegistry.bundled()
-    finally:
-        source.dispose()
-        target.dispose()
+    with open_rebuild_parts(url, store_schema, model_schema) as parts:
+        yield parts
 
 
 @pytest.fixture(scope="module")
