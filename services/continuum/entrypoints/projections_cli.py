@@ -669,17 +669,12 @@ def open_replay_parts(
     settings: Settings, into: str
 ) -> Iterator[tuple[EventStore, ReadModel, PolicyRegistry]]:
     """A parallel rebuild's shard (in its own process) opens the store and the read model."""
-    from continuum.adapters.sql.database import create_database_engine
     from continuum.bootstrap import bootstrap
-    from continuum_projections.readmodel import ReadModel
 
     application = bootstrap(settings, migrate=False)
     try:
-        engine = create_database_engine(into)
-        try:
-            yield application.store, ReadModel(engine), application.policies
-        finally:
-            engine.dispose()
+        with _read_model(application, into) as model:
+            yield application.store, model, application.policies
     finally:
         application.close()
 
