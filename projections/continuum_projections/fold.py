@@ -157,6 +157,12 @@ class PatientFold:
     changes: list[Change] = field(default_factory=list)  # undo stack for voids, newest last
     truncated: bool = False  # older changes were dropped from the undo stack (MAX_UNDO)
     stored: bool = False  # has a row in the patients table
+    # A deferring fold (`ContinuumFold(defer=True)`) holds the open stay's and the open
+    # episode's rows here until they are final (the stay closed, the episode discharged or
+    # voided) or the patient is saved: each row is then written once instead of inserted and
+    # updated. Never in the saved JSON: saving a patient writes them first.
+    pending_stay: Row | None = None
+    pending_episode: Row | None = None
 
     def to_json(self) -> bytes:
         return orjson.dumps(
@@ -230,13 +236,23 @@ class ContinuumFold:
         self,
         policies: PolicyViews,
         load: Callable[[Iterable[str]], dict[str, PatientFold]] | None = None,
+        *,
+        defer: bool = False,
     ) -> None:
         self.policies = policies
         self.patients: dict[str, PatientFold] = {}
         self.changes = Changes()
+        #: Patients changed since they were last handed out by `take` (saved).
         self.dirty: set[str] = set()
         self._load = load
         self.duplicates = 0
+        #: Write each stay and episode row once it is final, and save patients in care only
+        #: when asked (`take(complete=True)`); see `take`.
+        self.defer = defer
+        #: Set when no patient this fold meets can have saved state, except those it handed
+        #: out itself (`handed`): a rebuild from position 0. Then only those are looked up.
+        self.fresh = False
+        self.handed: set[str] = set()
 
     # -- state --------------------------------------------------------------------------------
 
@@ -245,24 +261,51 @@ class ContinuumFold:
         missing = {k for k in keys if k not in self.patients}
         if not missing:
             return
-        found = self._load(missing) if self._load is not None else {}
+        wanted = missing & self.handed if self.fresh else missing
+        found = self._load(wanted) if self._load is not None and wanted else {}
         for key in missing:  # not saved anywhere: a patient this projection has not seen
             self.patients[key] = found.get(key) or PatientFold(key=key)
 
-    def take(self) -> tuple[Changes, list[PatientFold]]:
-        """The changes since the last call and the patients they touched; starts afresh."""
-        changes, touched = self.changes, [self.patients[k] for k in sorted(self.dirty)]
-        self.changes, self.dirty = Changes(), set()
+    def take(self, *, complete: bool = True) -> tuple[Changes, list[PatientFold]]:
+        """The row changes since the last call, and the patients to save with them.
+
+        Without deferring, every patient the changes touched is saved. A deferring fold saves
+        (with their pending rows) only the changed patients out of care, unless `complete`:
+        those in care stay unsaved in memory until a complete take. The rows written before
+        then came from events the saved state of those patients does not include, so a
+        runner that restarts must fold again, without writing, from the position of the last
+        complete take (`StoreRunner`'s warm-up)."""
+        if complete or not self.defer:
+            keys = sorted(self.dirty)
+            self.dirty = set()
+        else:
+            keys = sorted(k for k in self.dirty if self.patients[k].placement is None)
+            self.dirty.difference_update(keys)
+        touched = [self.patients[k] for k in keys]
+        for patient in touched:
+            self._write_pending(patient)
+        if self.fresh:
+            self.handed.update(keys)
+        changes, self.changes = self.changes, Changes()
         return changes, touched
 
     def evict(self) -> None:
-        """Forget every patient (state is reloaded from the read model on use)."""
+        """Forget every patient and every change not taken (state is reloaded from the read
+        model on use)."""
         self.patients.clear()
+        self.dirty = set()
+        self.changes = Changes()
 
     def forget(self, keys: Iterable[str]) -> None:
         """Forget these patients (their saved state must be committed)."""
         for key in list(keys):
             del self.patients[key]
+            self.dirty.discard(key)
+
+    def discard_changes(self) -> None:
+        """Drop the row changes made so far, keeping the patients' state (a warm-up folds
+        events whose rows are already written)."""
+        self.changes = Changes()
 
     # -- the fold -------------------------------------------------------------------------------
 
@@ -320,6 +363,7 @@ class ContinuumFold:
         assessment = data["assessment"]
         policy = self.policies.get(event.get("policy"))
         event_id: str = event["event_id"]
+        self._write_pending(patient)  # an entry over an open stay (not expected) keeps it
         self._push_change(patient, event)
         p = patient.placement = Placement(
             level=placement["level"],
@@ -351,34 +395,34 @@ class ContinuumFold:
                     "readmitted_within_30d": within_30,
                 },
             )
-        self.changes.insert(
-            "episodes",
-            p.episode_id,
-            {
-                "episode_id": p.episode_id,
-                "patient_key": patient.key,
-                "episode_number": p.episode_number,
-                "age_group": p.age_group,
-                "admitted_at": event["occurred_at"],
-                "admitted_recorded_at": event["recorded_at"],
-                "admission_event_id": event_id,
-                "entry_level": p.level,
-                "entry_site": p.site,
-                "previous_episode_id": data.get("previous_episode_id"),
-                "days_since_previous_discharge": gap_days,
-                "policy_id": _pid(event),
-                "policy_version": _pver(event),
-                "discharged_at": None,
-                "discharge_event_id": None,
-                "discharge_level": None,
-                "discharge_reason": None,
-                "discharge_disposition": None,
-                "readmitted_at": None,
-                "readmission_episode_id": None,
-                "readmitted_within_30d": False,
-                "voided": False,
-            },
-        )
+        episode: Row = {
+            "episode_id": p.episode_id,
+            "patient_key": patient.key,
+            "episode_number": p.episode_number,
+            "age_group": p.age_group,
+            "admitted_at": event["occurred_at"],
+            "admitted_recorded_at": event["recorded_at"],
+            "admission_event_id": event_id,
+            "entry_level": p.level,
+            "entry_site": p.site,
+            "previous_episode_id": data.get("previous_episode_id"),
+            "days_since_previous_discharge": gap_days,
+            "policy_id": _pid(event),
+            "policy_version": _pver(event),
+            "discharged_at": None,
+            "discharge_event_id": None,
+            "discharge_level": None,
+            "discharge_reason": None,
+            "discharge_disposition": None,
+            "readmitted_at": None,
+            "readmission_episode_id": None,
+            "readmitted_within_30d": False,
+            "voided": False,
+        }
+        if self.defer:
+            patient.pending_episode = episode
+        else:
+            self.changes.insert("episodes", p.episode_id, episode)
         self._open_stay(patient, event, "readmission" if readmission else "admission")
         self._delta(event, p, +1)
         if readmission:
@@ -416,7 +460,7 @@ class ContinuumFold:
                 f"{event['event_type']} {event['event_id']} of {patient.key} before admission"
             )
         self._push_change(patient, event)
-        self._close_stay(before, event, end_kind, next_level)
+        self._close_stay(patient, before, event, end_kind, next_level)
         self._delta(event, before, -1)
         return before, self.policies.get(event.get("policy"))
 
@@ -497,8 +541,8 @@ class ContinuumFold:
     def _discharged(self, patient: PatientFold, event: Event) -> None:
         data = event["data"]
         before, policy = self._leave(patient, event, "discharge", None)
-        self.changes.patch(
-            "episodes",
+        self._patch_episode(
+            patient,
             before.episode_id,
             {
                 "discharged_at": event["occurred_at"],
@@ -546,10 +590,10 @@ class ContinuumFold:
         previous = change.placement
         if current is not None:
             self._delta(event, current, -1)
-            self.changes.patch("stays", current.stay_id, {"voided": True})
+            self._patch_stay(patient, current.stay_id, {"voided": True})
         if kind in ("PatientAdmitted", "PatientReadmitted"):
             if current is not None:
-                self.changes.patch("episodes", current.episode_id, {"voided": True})
+                self._patch_episode(patient, current.episode_id, {"voided": True})
             earlier = change.last_discharge
             if earlier is not None:
                 self.changes.patch(
@@ -563,9 +607,9 @@ class ContinuumFold:
                 )
             patient.assessed = {k: v for k, v in (change.assessed or {}).items() if k != target}
         if kind == "PatientDischarged" and previous is not None:
-            self.changes.patch("episodes", previous.episode_id, _DISCHARGE_CLEARED)
+            self._patch_episode(patient, previous.episode_id, _DISCHARGE_CLEARED)
         if previous is not None:
-            self.changes.patch("stays", previous.stay_id, _STAY_REOPENED)
+            self._patch_stay(patient, previous.stay_id, _STAY_REOPENED)
             self._delta(event, previous, +1)
         patient.placement = previous
         patient.state = change.state
@@ -592,30 +636,35 @@ class ContinuumFold:
     def _open_stay(self, patient: PatientFold, event: Event, start_kind: str) -> None:
         p = patient.placement
         assert p is not None
-        self.changes.insert(
-            "stays",
-            p.stay_id,
-            {
-                "stay_id": p.stay_id,
-                "patient_key": patient.key,
-                "episode_id": p.episode_id,
-                "level": p.level,
-                "site": p.site,
-                "program": p.program,
-                "age_group": p.age_group,
-                "start_kind": start_kind,
-                "started_at": event["occurred_at"],
-                "started_recorded_at": event["recorded_at"],
-                **_STAY_REOPENED,
-                "voided": False,
-            },
-        )
+        row: Row = {
+            "stay_id": p.stay_id,
+            "patient_key": patient.key,
+            "episode_id": p.episode_id,
+            "level": p.level,
+            "site": p.site,
+            "program": p.program,
+            "age_group": p.age_group,
+            "start_kind": start_kind,
+            "started_at": event["occurred_at"],
+            "started_recorded_at": event["recorded_at"],
+            **_STAY_REOPENED,
+            "voided": False,
+        }
+        if self.defer:
+            patient.pending_stay = row
+        else:
+            self.changes.insert("stays", p.stay_id, row)
 
     def _close_stay(
-        self, stay: Placement, event: Event, end_kind: str, next_level: str | None
+        self,
+        patient: PatientFold,
+        stay: Placement,
+        event: Event,
+        end_kind: str,
+        next_level: str | None,
     ) -> None:
-        self.changes.patch(
-            "stays",
+        self._patch_stay(
+            patient,
             stay.stay_id,
             {
                 "ended_at": event["occurred_at"],
@@ -625,6 +674,37 @@ class ContinuumFold:
                 "next_level": next_level,
             },
         )
+
+    def _patch_stay(self, patient: PatientFold, stay_id: str, values: Row) -> None:
+        """Change a stay: the pending row (which is then final and written), or the row
+        already written."""
+        pending = patient.pending_stay
+        if pending is not None and pending["stay_id"] == stay_id:
+            pending.update(values)
+            self.changes.insert("stays", stay_id, pending)
+            patient.pending_stay = None
+        else:
+            self.changes.patch("stays", stay_id, values)
+
+    def _patch_episode(self, patient: PatientFold, episode_id: str, values: Row) -> None:
+        """Change an episode: as `_patch_stay`."""
+        pending = patient.pending_episode
+        if pending is not None and pending["episode_id"] == episode_id:
+            pending.update(values)
+            self.changes.insert("episodes", episode_id, pending)
+            patient.pending_episode = None
+        else:
+            self.changes.patch("episodes", episode_id, values)
+
+    def _write_pending(self, patient: PatientFold) -> None:
+        """Write the rows a deferring fold holds for this patient (it is being saved)."""
+        if patient.pending_stay is not None:
+            self.changes.insert("stays", patient.pending_stay["stay_id"], patient.pending_stay)
+            patient.pending_stay = None
+        if patient.pending_episode is not None:
+            row = patient.pending_episode
+            self.changes.insert("episodes", row["episode_id"], row)
+            patient.pending_episode = None
 
     def _delta(self, event: Event, placement: Placement, delta: int) -> None:
         level, site, program, age = placement.key

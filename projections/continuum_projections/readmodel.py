@@ -64,6 +64,15 @@ meta = Table(
 #: The checkpoint of the store runner: the last log position applied.
 STORE_CHECKPOINT = "store"
 
+
+def state_checkpoint(name: str) -> str:
+    """The checkpoint up to which every patient's saved fold state is complete, beside a
+    deferring runner's checkpoint `name` (see `ContinuumFold.take`). Between the two, rows
+    are written but the state of patients in care is not: a restarted runner folds that
+    stretch again without writing."""
+    return f"{name}:state"
+
+
 checkpoints = Table(
     "rm_checkpoints",
     metadata,
@@ -366,9 +375,10 @@ class ReadModel:
     def merge_checkpoints(
         self, parts: Sequence[str], into: str, *, position: int, source: tuple[str, str]
     ) -> None:
-        """End a parallel rebuild, in one transaction: every part's checkpoint must stand at
-        `position`; they become the one checkpoint `into`, and the read model's source
-        `source[0]` becomes `source[1]` (so that the ordinary runner goes on from there)."""
+        """End a parallel rebuild, in one transaction: every part's checkpoint, and the state
+        checkpoint beside it, must stand at `position`; they become the one checkpoint `into`
+        (and its state checkpoint), and the read model's source `source[0]` becomes
+        `source[1]` (so that the ordinary runner goes on from there)."""
         now = dt.datetime.now(dt.UTC)
         with self.engine.begin() as conn:
             _serialize(conn, SCHEMA_LOCK)
@@ -378,14 +388,15 @@ class ReadModel:
                     f"this read model is fed by {found}, not by {source[0]}: nothing to merge",
                     source=found,
                 )
+            every = [*parts, *(state_checkpoint(name) for name in parts)]
             saved = dict(
                 conn.execute(
                     select(checkpoints.c.name, checkpoints.c.position)
-                    .where(checkpoints.c.name.in_(list(parts)))
+                    .where(checkpoints.c.name.in_(every))
                     .with_for_update()
                 ).all()
             )
-            behind = {name: int(saved.get(name) or 0) for name in parts}
+            behind = {name: int(saved.get(name) or 0) for name in every}
             behind = {name: at for name, at in behind.items() if at != position}
             if behind:
                 listed = ", ".join(f"{name} at {at}" for name, at in sorted(behind.items()))
@@ -393,8 +404,9 @@ class ReadModel:
                     f"cannot merge the shards' checkpoints: {listed}, not {position}. Run the "
                     "same parallel rebuild again: each shard goes on from its checkpoint"
                 )
-            conn.execute(delete(checkpoints).where(checkpoints.c.name.in_(list(parts))))
+            conn.execute(delete(checkpoints).where(checkpoints.c.name.in_(every)))
             _put_checkpoint(conn, into, position, now, None)
+            _put_checkpoint(conn, state_checkpoint(into), position, now, None)
             conn.execute(update(meta).where(meta.c.key == "source").values(value=source[1]))
 
     def checkpoints_like(self, prefix: str) -> dict[str, int]:
@@ -421,6 +433,21 @@ class ReadModel:
                 ).all()
                 for key, state in rows:
                     found[key] = PatientFold.from_json(key, state)
+        return found
+
+    def saved_versions(self, keys: Iterable[str]) -> dict[str, int]:
+        """The version of each of these patients' saved fold state (absent: none saved)."""
+        keys = list(keys)
+        found: dict[str, int] = {}
+        with self.engine.connect() as conn:
+            for start in range(0, len(keys), 500):
+                chunk = keys[start : start + 500]
+                rows = conn.execute(
+                    select(patients.c.patient_key, patients.c.version).where(
+                        patients.c.patient_key.in_(chunk)
+                    )
+                ).all()
+                found.update((key, int(version)) for key, version in rows)
         return found
 
     # -- the writer ---------------------------------------------------------------------------

@@ -28,7 +28,12 @@ from continuum.application.ports import EventStore
 from continuum.domain.policy import PolicyRegistry
 from continuum_projections.fold import ContinuumFold, Event, decode, parse_time
 from continuum_projections.policyview import PolicyViews
-from continuum_projections.readmodel import STORE_CHECKPOINT, ReadModel, StaleBatch
+from continuum_projections.readmodel import (
+    STORE_CHECKPOINT,
+    ReadModel,
+    StaleBatch,
+    state_checkpoint,
+)
 
 #: A batch is written once it holds this many row changes, however few events made them
 #: (bounds memory: about 2 KB a row).
@@ -41,6 +46,7 @@ MAX_CACHED_PATIENTS = 200_000
 class Progress:
     events: int = 0
     skipped: int = 0  # after --as-of, or duplicates
+    refolded: int = 0  # folded again without writing, after a restart (StoreRunner warm-up)
     flushes: int = 0
     position: int = 0
     target: int = 0
@@ -65,9 +71,10 @@ class _Base:
         *,
         as_of: dt.datetime | None = None,
         flush_every: int = 50_000,
+        defer: bool = False,
     ) -> None:
         self.model = model
-        self.fold = ContinuumFold(PolicyViews(policies), load=model.load_patients)
+        self.fold = ContinuumFold(PolicyViews(policies), load=model.load_patients, defer=defer)
         self.as_of = as_of
         self.flush_every = flush_every
         self.progress = Progress(started=time.monotonic())
@@ -86,20 +93,35 @@ class _Base:
         else:
             self.progress.skipped += 1
 
-    def _flush(self, positions: dict[str, int], starts: dict[str, int] | None = None) -> None:
+    def _flush(
+        self,
+        positions: dict[str, int],
+        starts: dict[str, int] | None = None,
+        *,
+        complete: bool = False,
+    ) -> None:
         """Hand the batch to the writer thread and go on folding; at most one batch is in
-        flight, so the database works while Python folds the next one."""
-        changes, touched = self.fold.take()
+        flight, so the database works while Python folds the next one.
+
+        A deferring fold saves the patients in care only in a `complete` batch (or when the
+        cache is too big): such a batch also moves the state checkpoint beside each
+        checkpoint it writes."""
+        everyone = len(self.fold.patients) > MAX_CACHED_PATIENTS
+        complete = complete or everyone or not self.fold.defer
+        changes, touched = self.fold.take(complete=complete)
+        if complete and self.fold.defer:
+            positions = {**positions, **{state_checkpoint(n): at for n, at in positions.items()}}
         batch = self.model.prepare(changes, touched)
         self._wait()  # the previous batch is committed after this
-        # Patients not touched by this batch have all their state committed: the cache may
-        # drop them (discharged ones always, everyone when it is too big).
+        # Patients saved and not touched by this batch have all their state committed: the
+        # cache may drop them (discharged ones always, everyone when it is too big).
         recent = {p.key for p in touched}
-        everyone = len(self.fold.patients) > MAX_CACHED_PATIENTS
         self.fold.forget(
             key
             for key, p in self.fold.patients.items()
-            if key not in recent and (everyone or p.placement is None)
+            if key not in recent
+            and key not in self.fold.dirty
+            and (everyone or p.placement is None)
         )
         if self._background:
             self._pending = self._writer.submit(self.model.write, batch, dict(positions), starts)
@@ -123,7 +145,6 @@ class _Base:
             # Nothing of that batch was written: drop the in-memory state too, so that the
             # next attempt starts again from the saved checkpoint and saved patient state.
             self.fold.evict()
-            self.fold.take()
             raise
 
     def _finish(self) -> None:
@@ -148,7 +169,7 @@ class StoreRunner(_Base):
         name: str | None = None,
         shard: tuple[int, int] | None = None,
     ) -> None:
-        super().__init__(model, policies, as_of=as_of, flush_every=flush_every)
+        super().__init__(model, policies, as_of=as_of, flush_every=flush_every, defer=True)
         if shard is not None:
             index, count = shard
             if count < 2 or not 0 <= index < count:
@@ -189,11 +210,18 @@ class StoreRunner(_Base):
         until: int | None,
     ) -> Progress:
         self.store.sequence()
+        if self.fold.dirty or self.fold.changes:
+            self.fold.evict()  # a previous run raised: its memory is not what was saved
         after = self.model.checkpoint(self.name)
         if until is None and self.shard is not None:
             until = self.store.head_position()  # shards read windows of positions up to here
         self.progress.position = after
         self.progress.target = self.store.head_position() if until is None else until
+        self.fold.fresh = after == 0
+        saved = self.model.checkpoint(state_checkpoint(self.name))
+        if saved < after and not self._warm_up(saved, after, stop, on_progress):
+            self.fold.evict()  # stopped while warming up: nothing was written
+            return self.progress
         pending = 0
         scanned = after  # the log is read up to here (a shard's pages skip others' events)
         # PostgreSQL: the next page is read by another thread while this one is folded, so
@@ -228,14 +256,56 @@ class StoreRunner(_Base):
         ahead.cancel()
         with contextlib.suppress(Exception):
             ahead.result()  # not used: read past a stop, or past the end
-        if pending or (self.shard is not None and after > self.model.checkpoint(self.name)):
-            self._flush({self.name: after})
+        if (
+            pending
+            or self.fold.dirty
+            or (self.shard is not None and after > self.model.checkpoint(self.name))
+        ):
+            self._flush({self.name: after}, complete=True)
         self._finish()
         if self.shard is None:
             self.model.finish()  # a parallel rebuild finishes once, after its last shard
         if on_progress:
             on_progress(self.progress)
         return self.progress
+
+    def _warm_up(
+        self,
+        start: int,
+        end: int,
+        stop: threading.Event | None,
+        on_progress: ProgressFn | None,
+    ) -> bool:
+        """Fold again, writing nothing, the events after `start` up to `end`: their rows were
+        written, but the state of the patients still in care was not saved after `start`
+        (the runner stopped between complete batches: killed, or a batch failed). False if
+        stopped first.
+
+        Patients out of care are dropped from memory once the state saved for them is as
+        new as what the fold holds (a batch saves them after their discharge)."""
+        scanned = start
+        ahead = self._read_ahead(scanned, end)
+        while True:
+            page, upto = ahead.result()
+            if upto <= scanned:
+                return True
+            if stop is not None and stop.is_set():
+                return False
+            ahead = self._read_ahead(upto, end)
+            events = [decode(body) for _, _, body in page]
+            self.fold.preload({event["stream_id"] for event in events})
+            for (position, _, _), event in zip(page, events, strict=True):
+                event["position"] = position
+                if self.as_of is None or parse_time(event["recorded_at"]) <= self.as_of:
+                    self.fold.apply(event)
+            self.fold.discard_changes()
+            self.progress.refolded += len(page)
+            out = {k: p.version for k, p in self.fold.patients.items() if p.placement is None}
+            saved = self.model.saved_versions(out)
+            self.fold.forget(k for k, version in out.items() if saved.get(k, -1) >= version)
+            scanned = upto
+            if on_progress:
+                on_progress(self.progress)
 
     def _read_ahead(self, after: int, until: int | None) -> Future[tuple[Page, int]]:
         if self._ahead:

@@ -177,7 +177,7 @@ def test_replay_with_two_workers_builds_what_one_builds(cohort_cli: Cli, tmp_pat
         assert diff_read_models(expected, actual) == []
         head = ReadModel(expected).checkpoint("store")
         assert head > 0
-        assert ReadModel(actual).checkpoints_like("store") == {"store": head}
+        assert ReadModel(actual).checkpoints_like("store") == {"store": head, "store:state": head}
         assert ReadModel(actual).source() == "store"
     finally:
         expected.dispose()

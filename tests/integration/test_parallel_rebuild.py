@@ -80,7 +80,7 @@ def _census_at_moments(engine: Engine) -> list[dict[tuple[str, str, str, str], i
 def _assert_same(reference: ReadModel, built: ReadModel, head: int) -> None:
     assert diff_read_models(reference.engine, built.engine) == []
     assert _census_at_moments(built.engine) == _census_at_moments(reference.engine)
-    assert built.checkpoints_like("store") == {"store": head}
+    assert built.checkpoints_like("store") == {"store": head, "store:state": head}
     assert built.source() == "store"
 
 
