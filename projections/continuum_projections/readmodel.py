@@ -560,7 +560,9 @@ class ReadModel:
             if n
         ]
         if rows:
-            conn.execute(insert(census_snapshots), rows)
+            (_write_pg if conn.dialect.name == "postgresql" else _write_core)(
+                conn, census_snapshots, rows
+            )
         conn.execute(insert(census_boundaries).values(boundary=boundary, deltas=deltas))
 
 

@@ -40,6 +40,10 @@ from continuum_projections.readmodel import (
 MAX_BATCH_ROWS = 100_000
 #: Patients kept in memory between flushes; past this the cache is dropped and reloaded.
 MAX_CACHED_PATIENTS = 200_000
+#: A deferring runner saves every patient (a complete batch) at least once in this many
+#: batches: it bounds how long the rows of patients in care lag behind the census during a
+#: long catch-up, and how far a restarted runner folds again (`StoreRunner._warm_up`).
+COMPLETE_EVERY = 10
 
 
 @dataclass
@@ -83,6 +87,7 @@ class _Base:
         # in-memory database per connection) is written in line.
         self._background = model.engine.dialect.name == "postgresql"
         self._pending: Future[None] | None = None
+        self._partial = 0  # batches since the last complete one
 
     def _apply(self, event: Event) -> None:
         if self.as_of is not None and parse_time(event["recorded_at"]) > self.as_of:
@@ -107,7 +112,10 @@ class _Base:
         cache is too big): such a batch also moves the state checkpoint beside each
         checkpoint it writes."""
         everyone = len(self.fold.patients) > MAX_CACHED_PATIENTS
-        complete = complete or everyone or not self.fold.defer
+        complete = (
+            complete or everyone or not self.fold.defer or self._partial >= COMPLETE_EVERY - 1
+        )
+        self._partial = 0 if complete else self._partial + 1
         changes, touched = self.fold.take(complete=complete)
         if complete and self.fold.defer:
             positions = {**positions, **{state_checkpoint(n): at for n, at in positions.items()}}

@@ -509,6 +509,45 @@ def test_a_failed_flush_writes_nothing_and_the_runner_resumes(
     assert diff_read_models(clean, sqlite_engine) == []
 
 
+def test_a_long_catch_up_saves_every_patient_every_few_batches(
+    sqlite_engine: Engine, policies: PolicyRegistry, monkeypatch: Any
+) -> None:
+    """Every COMPLETE_EVERY batches the state checkpoint catches up with the checkpoint, so a
+    runner that fails later folds again only from there."""
+    from continuum_projections import runners
+
+    monkeypatch.setattr(runners, "COMPLETE_EVERY", 2)
+    store = SqlEventStore(sqlite_engine)
+    build_cohort(store, policies)
+    model = ReadModel(sqlite_engine)
+    model.create()
+    original = ReadModel._maintain_snapshots
+    seen: list[int] = []
+
+    def failing(self: ReadModel, conn: Any, deltas: Any) -> None:
+        seen.append(len(deltas))
+        if len(seen) == 4:
+            raise RuntimeError("disk full (simulated)")
+        original(self, conn, deltas)
+
+    monkeypatch.setattr(ReadModel, "_maintain_snapshots", failing)
+    # One batch per 5 positions: batches 1 and 3 save only patients out of care, batch 2 all.
+    with pytest.raises(RuntimeError, match="disk full"):
+        StoreRunner(store, model, policies, flush_every=5, page=5).run()
+    assert len(seen) == 4 and all(seen)  # every batch had census deltas to write
+    assert model.checkpoint("store:state") == 10
+    assert model.checkpoint("store") == 15
+    resumed = StoreRunner(store, model, policies, flush_every=5, page=5).run()
+    assert resumed.refolded == 5
+    from continuum.adapters.sql.database import create_database_engine
+
+    clean = create_database_engine("sqlite://")
+    rebuilt = ReadModel(clean)
+    rebuilt.create()
+    StoreRunner(store, rebuilt, policies).run()
+    assert diff_read_models(clean, sqlite_engine) == []
+
+
 def test_query_indexes_are_built_once_the_first_run_has_caught_up(
     engine: Engine, policies: PolicyRegistry
 ) -> None:

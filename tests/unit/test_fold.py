@@ -213,3 +213,99 @@ def test_a_void_beyond_the_undo_stack_is_refused_clearly(
         fold.apply(events[-1])
     monkeypatch.setattr(fold_module, "MAX_UNDO", 6)
     assert fold_all(policies, events).patients[key].placement is None
+
+
+def _journey(service: PatientService, key: str) -> None:
+    service.handle(
+        c.RecordReassessment(
+            patient_key=key, occurred_at=day(10), assessment=assessment("000020", 12)
+        )
+    )
+    service.handle(c.Transition(patient_key=key, occurred_at=day(12), to_level="2.1"))
+
+
+def test_a_deferring_fold_writes_each_stay_and_episode_once_final(
+    env: Any, policies: PolicyRegistry
+) -> None:
+    """Taken after every event, a deferring fold never patches a row: a stay is inserted when
+    it closes, the episode at discharge, and the patient is saved only once out of care."""
+    store, service, _ = env
+    key = admit(service)
+    _journey(service, key)
+    service.handle(
+        c.Discharge(
+            patient_key=key,
+            occurred_at=day(20),
+            reason=DischargeReason.COMPLETED,
+            disposition=Disposition.HOME,
+        )
+    )
+    events = wire(store, key)
+    fold = ContinuumFold(PolicyViews(policies), defer=True)
+    inserted: dict[str, list[dict[str, Any]]] = {}
+    saved: list[int] = []
+    for event in events:
+        assert fold.apply(event)
+        changes, touched = fold.take(complete=False)
+        assert not changes.patches
+        for table, rows in changes.inserts.items():
+            inserted.setdefault(table, []).extend(rows.values())
+        saved.extend(p.version for p in touched)
+    assert saved == [len(events)]  # once, after the discharge
+    stays = inserted["stays"]
+    assert [s["stay_id"] for s in stays] == [events[0]["event_id"], events[2]["event_id"]]
+    assert all(s["ended_at"] is not None for s in stays)
+    assert stays[1]["end_kind"] == "discharge"
+    [episode] = inserted["episodes"]
+    assert episode["discharged_at"] == events[-1]["occurred_at"]
+    # The same log folded without deferring gives the same final rows.
+    plain = fold_all(policies, events)
+    assert list(plain.changes.inserts["stays"].values()) == stays
+    assert list(plain.changes.inserts["episodes"].values()) == [episode]
+
+
+def test_a_deferring_fold_holds_patients_in_care_until_a_complete_take(
+    env: Any, policies: PolicyRegistry
+) -> None:
+    store, service, _ = env
+    key = admit(service)
+    _journey(service, key)
+    fold = ContinuumFold(PolicyViews(policies), defer=True)
+    for event in wire(store, key):
+        fold.apply(event)
+    changes, touched = fold.take(complete=False)
+    assert touched == [] and key in fold.dirty
+    assert list(changes.inserts["stays"]) == [str(store.read_stream(key)[0].event_id)]  # closed
+    assert "episodes" not in changes.inserts and changes.deltas  # census deltas go at once
+    changes, touched = fold.take(complete=True)
+    assert [p.key for p in touched] == [key] and not fold.dirty
+    [open_stay] = changes.inserts["stays"].values()
+    assert open_stay["level"] == "2.1" and open_stay["ended_at"] is None
+    [episode] = changes.inserts["episodes"].values()
+    assert episode["discharged_at"] is None
+    assert touched[0].pending_stay is None and touched[0].pending_episode is None
+
+
+def test_a_void_of_a_deferred_admission_writes_the_voided_rows(
+    env: Any, policies: PolicyRegistry
+) -> None:
+    store, service, _ = env
+    key = admit(service)
+    first = store.read_stream(key)[0]
+    service.handle(
+        c.VoidEvent(
+            patient_key=key,
+            event_id=first.event_id,
+            reason=VoidReason.WRONG_PATIENT,
+            occurred_at=day(1),
+        )
+    )
+    fold = ContinuumFold(PolicyViews(policies), defer=True)
+    events = wire(store, key)
+    fold.apply(events[0])
+    assert fold.take(complete=False)[0].inserts == {}
+    fold.apply(events[1])
+    changes, touched = fold.take(complete=False)
+    assert [p.key for p in touched] == [key]  # out of care again: saved
+    assert changes.inserts["stays"][str(first.event_id)]["voided"] is True
+    assert changes.inserts["episodes"][str(first.data.episode_id)]["voided"] is True
