@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import re
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
@@ -756,11 +757,19 @@ class SqlEventStore(EventStore):
         """(position, stream id, body) rows of a bodies query; None if any row predates the
         stored body (revision 0003), for the caller's slower path."""
         self.sequence()
+        rows: list[tuple[int, str, str | bytes]]
         with self._reader() as conn:
-            rows: list[tuple[int, str, str | bytes]] = [
-                (position, stream_id, body)
-                for position, stream_id, body in conn.execute(statement, params)
-            ]
+            if self._sqlite:
+                rows = [
+                    (position, stream_id, body)
+                    for position, stream_id, body in conn.execute(statement, params)
+                ]
+            else:
+                # psycopg builds the tuples in C: SQLAlchemy's rows cost ~1.5 us each here,
+                # on the rebuild's one Python thread.
+                raw = cast("psycopg.Connection[Any]", conn.connection.driver_connection)
+                sql = _psycopg_params(str(statement))
+                rows = raw.execute(sql, params, prepare=True).fetchall()
         return None if any(body is None for _, _, body in rows) else rows
 
     def find_idempotent(self, key: str, request_hash: str | None = None) -> AppendResult | None:
@@ -857,6 +866,12 @@ class SqlEventStore(EventStore):
             select(func.max(t.events.c.stream_version)).where(t.events.c.stream_id == stream_id)
         )
         return int(version or 0)
+
+
+@functools.cache
+def _psycopg_params(sql: str) -> Any:
+    """A `text()` statement's SQL with psycopg's %(name)s placeholders for its :name ones."""
+    return re.sub(r"(?<!:):(\w+)", r"%(\1)s", sql)
 
 
 def _utc(value: dt.datetime) -> dt.datetime:
