@@ -148,7 +148,8 @@ def _progress_bar(label: str, total: int | None, *, quiet: bool = False) -> Iter
         task = bar.add_task(label, total=total, rate="")
 
         def tick(progress: Progress) -> None:
-            done = progress.events + progress.skipped
+            # A restarted store runner first folds again what it had written (`refolded`).
+            done = progress.events + progress.skipped + progress.refolded
             target = progress.target or total
             bar.update(task, completed=done, total=target, rate=f"{progress.rate:,.0f} ev/s")
 
@@ -789,10 +790,11 @@ def _log_progress(console: Any, every_s: float = 10.0) -> Any:
 
     def tick(progress: Progress) -> None:
         now = time.monotonic()
-        if progress.events and now - last[0] >= every_s:
+        if (progress.events or progress.refolded) and now - last[0] >= every_s:
             last[0] = now
+            again = f", {progress.refolded} folded again" if progress.refolded else ""
             console.print(
-                f"projected {progress.events} events ({progress.rate:,.0f} ev/s), "
+                f"projected {progress.events} events ({progress.rate:,.0f} ev/s){again}, "
                 f"position {progress.position}",
                 markup=False,
             )
