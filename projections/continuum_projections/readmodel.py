@@ -408,6 +408,7 @@ class ReadModel:
             _put_checkpoint(conn, into, position, now, None)
             _put_checkpoint(conn, state_checkpoint(into), position, now, None)
             conn.execute(update(meta).where(meta.c.key == "source").values(value=source[1]))
+            _cut_all_snapshots(conn)
 
     def checkpoints_like(self, prefix: str) -> dict[str, int]:
         with self.engine.connect() as conn:
@@ -473,8 +474,12 @@ class ReadModel:
         batch: Batch,
         positions: Mapping[str, int],
         starts: Mapping[str, int] | None = None,
+        *,
+        snapshots: bool = True,
     ) -> None:
-        """One transaction: rows, patients' fold state, census deltas, checkpoints.
+        """One transaction: rows, patients' fold state, census deltas, checkpoints; and the
+        census snapshots' upkeep, unless `snapshots` is False (the shards of a parallel
+        rebuild: `merge_checkpoints` cuts every snapshot once they are done).
 
         `starts` fences a writer that lost its partitions: for each checkpoint named there,
         the batch began at that offset, so the saved checkpoint must not be past it. If it
@@ -509,7 +514,8 @@ class ReadModel:
                 _update(conn, patients, "patient_key", fields, params)
             if changes.deltas:
                 write(conn, census_deltas, changes.deltas)
-                self._maintain_snapshots(conn, changes.deltas)
+                if snapshots:
+                    self._maintain_snapshots(conn, changes.deltas)
             for name, position in positions.items():
                 start = starts.get(name) if starts is not None else None
                 _put_checkpoint(conn, name, position, now, start)
@@ -564,6 +570,50 @@ class ReadModel:
                 conn, census_snapshots, rows
             )
         conn.execute(insert(census_boundaries).values(boundary=boundary, deltas=deltas))
+
+
+def _cut_all_snapshots(conn: Connection) -> None:
+    """Cut the census snapshots of a read model whose deltas were written without them (a
+    parallel rebuild's shards), in one pass over the deltas in recorded order: a snapshot
+    after every SNAPSHOT_EVERY deltas, deltas recorded at the same instant together, as
+    `_maintain_snapshots` cuts them as batches come. Any snapshots there are replaced."""
+    conn.execute(delete(census_snapshots))
+    conn.execute(delete(census_boundaries))
+    key_cols = [census_deltas.c[k] for k in CENSUS_KEY]
+    query = select(census_deltas.c.recorded_at, *key_cols, census_deltas.c.delta).order_by(
+        census_deltas.c.recorded_at
+    )
+    totals: dict[tuple[str, str, str, str], int] = {}
+    since = 0  # deltas after the last boundary
+    current: dt.datetime | None = None
+    snapshot_rows: list[Row] = []
+    boundary_rows: list[Row] = []
+
+    def cut(boundary: dt.datetime) -> None:
+        nonlocal since
+        snapshot_rows.extend(
+            {"boundary": boundary, **dict(zip(CENSUS_KEY, key, strict=True)), "count": n}
+            for key, n in totals.items()
+            if n
+        )
+        boundary_rows.append({"boundary": boundary, "deltas": since})
+        since = 0
+
+    rows: Any = conn.execution_options(stream_results=True, yield_per=20_000).execute(query)
+    for stored, level, site, program, age_group, delta in rows:
+        recorded = utc(stored)
+        if recorded != current:
+            if current is not None and since >= SNAPSHOT_EVERY:
+                cut(current)  # the deltas of one instant go together
+            current = recorded
+        key = (level, site, program, age_group)
+        totals[key] = totals.get(key, 0) + int(delta)
+        since += 1
+    if current is not None and since >= SNAPSHOT_EVERY:
+        cut(current)
+    write = _write_pg if conn.dialect.name == "postgresql" else _write_core
+    write(conn, census_snapshots, snapshot_rows)
+    write(conn, census_boundaries, boundary_rows)
 
 
 #: PostgreSQL advisory-lock keys (transaction scope) for writers sharing one read model.

@@ -88,6 +88,9 @@ class _Base:
         self._background = model.engine.dialect.name == "postgresql"
         self._pending: Future[None] | None = None
         self._partial = 0  # batches since the last complete one
+        #: Keep the census snapshots up to date with every batch (not in a parallel
+        #: rebuild's shards: the merge cuts them all at once).
+        self._snapshots = True
 
     def _apply(self, event: Event) -> None:
         if self.as_of is not None and parse_time(event["recorded_at"]) > self.as_of:
@@ -132,11 +135,13 @@ class _Base:
             and (everyone or p.placement is None)
         )
         if self._background:
-            self._pending = self._writer.submit(self.model.write, batch, dict(positions), starts)
+            self._pending = self._writer.submit(
+                self.model.write, batch, dict(positions), starts, snapshots=self._snapshots
+            )
         else:
             self._pending = Future()
             try:
-                self.model.write(batch, dict(positions), starts)
+                self.model.write(batch, dict(positions), starts, snapshots=self._snapshots)
                 self._pending.set_result(None)
             except BaseException as exc:  # reported by _wait, as for the writer thread
                 self._pending.set_exception(exc)
@@ -185,6 +190,9 @@ class StoreRunner(_Base):
         #: (index, count): fold only the patients of shard `index` (the store's choice; a
         #: parallel rebuild, `continuum_projections.parallel`), with a checkpoint of its own.
         self.shard = shard
+        # Shards' deltas interleave in recorded time: upkeep batch by batch would add most of
+        # one shard's deltas to snapshots the other had cut (`_add_to_snapshots`).
+        self._snapshots = shard is None
         model.claim(source_name(sharded_source(shard[1]) if shard else STORE_CHECKPOINT, as_of))
         self.store = store
         self.page = page

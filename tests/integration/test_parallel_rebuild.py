@@ -52,6 +52,15 @@ def _open(
         yield parts
 
 
+class _Ticking(FixedClock):
+    """A second later at every reading: events are recorded at distinct times, so census
+    snapshots and as-of moments fall between them."""
+
+    def __call__(self) -> dt.datetime:
+        self.now += dt.timedelta(seconds=1)
+        return self.now
+
+
 @pytest.fixture(scope="module")
 def cohort(pg_url: str) -> Iterator[tuple[Engine, ReadModel, int]]:
     """A simulated log, its one-process rebuild (the reference) and the position that
@@ -59,7 +68,7 @@ def cohort(pg_url: str) -> Iterator[tuple[Engine, ReadModel, int]]:
     policies = PolicyRegistry.bundled()
     with fresh_pg_schema(pg_url, prefix="par_log") as engine:
         store = SqlEventStore(engine)
-        clock = FixedClock(dt.datetime(2026, 6, 1, tzinfo=dt.UTC))
+        clock = _Ticking(dt.datetime(2026, 6, 1, tzinfo=dt.UTC))
         simulate_cohort(PatientService(store, policies, clock), patients=150, days=150, seed=11)
         with fresh_pg_schema(pg_url, prefix="par_ref") as reference:
             model = ReadModel(reference)
@@ -84,12 +93,39 @@ def _assert_same(reference: ReadModel, built: ReadModel, head: int) -> None:
     assert built.source() == "store"
 
 
+def _assert_snapshots_hold(engine: Engine, every: int) -> int:
+    """Each census snapshot is the sum of the deltas recorded up to its boundary, and a
+    boundary follows every `every` deltas; returns how many boundaries there are."""
+    with engine.connect() as conn:
+        boundaries = conn.execute(
+            text("SELECT boundary, deltas FROM rm_census_boundaries ORDER BY boundary")
+        ).all()
+        for boundary, deltas in boundaries:
+            assert deltas >= every
+            kept = {
+                (r[0], r[1], r[2], r[3]): r[4]
+                for r in conn.execute(
+                    text(
+                        "SELECT level, site, program, age_group, count FROM rm_census_snapshots"
+                        " WHERE boundary = :b"
+                    ),
+                    {"b": boundary},
+                )
+            }
+            assert kept == {k: n for k, n in rm.census_totals(conn, boundary).items() if n}
+        total = conn.execute(text("SELECT count(*) FROM rm_census_deltas")).scalar_one()
+        assert sum(d for _, d in boundaries) > total - 2 * every
+    return len(boundaries)
+
+
 def test_two_shards_build_exactly_the_one_process_read_model(
-    pg_url: str, cohort: tuple[Engine, ReadModel, int]
+    pg_url: str, cohort: tuple[Engine, ReadModel, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     log, reference, head = cohort
     store = SqlEventStore(log)
     assert head > 1_000
+    # The shards write no snapshots; the merge (in this process) cuts them all at once.
+    monkeypatch.setattr(rm, "SNAPSHOT_EVERY", 10)
     with fresh_pg_schema(pg_url, prefix="par_two") as target:
         opener = functools.partial(_open, pg_url, _schema(log), _schema(target))
         seen: list[int] = []
@@ -98,6 +134,7 @@ def test_two_shards_build_exactly_the_one_process_read_model(
         assert seen and seen[-1] == head
         built = ReadModel(target)
         _assert_same(reference, built, head)
+        assert _assert_snapshots_hold(target, 10) >= 5
         with target.connect() as conn:  # the query indexes were built once, after the shards
             indexes = {
                 row[0]
