@@ -10,8 +10,9 @@ runner goes on from there. A crash or a stop anywhere leaves the shards' checkpo
 rebuild run again goes on from them, and until it completes the ordinary runner refuses the
 read model (its source names the shards).
 
-Python folds on one core per process; on the 2-core benchmark machine two shards rebuilt 1M
-events 1.34 times as fast as one process, with 1.6 times its memory in all (docs/benchmarks.md).
+Python folds on one core per process; on the 2-core benchmark machine two shards rebuild 1M
+events about 1.3 times as fast as one process, with about 1.4 times its memory in all
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -92,8 +93,12 @@ def rebuild(
     """Fold every event up to position `until` in `shards` processes; merge their checkpoints
     and build the query indexes once all are done. Each shard writes a batch every
     `flush_every` of its events. Memory adds up across the shards: on the 1M benchmark two
-    shards peaked at 354 MB each with 50,000-event batches (22,700 events/s) and 292 MB each
-    with 25,000 (19,300 events/s), where one process peaks at 446 MB.
+    shards peaked at about 300 MB each with 50,000-event batches (22,200-30,800 events/s on a
+    noisy host) and 255 MB each with 25,000 (23,600 events/s), where one process peaks at
+    about 410 MB (docs/benchmarks.md).
+
+    The shards keep no census snapshots while they run (their deltas interleave in recorded
+    time); the merge cuts them all in one pass (`ReadModel.merge_checkpoints`).
 
     Returns the summed progress. A stop leaves the shards where they are (the same call again
     goes on); a failed shard stops the others and raises `ShardFailed` naming it."""
