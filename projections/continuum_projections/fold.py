@@ -678,23 +678,22 @@ class ContinuumFold:
     def _patch_stay(self, patient: PatientFold, stay_id: str, values: Row) -> None:
         """Change a stay: the pending row (which is then final and written), or the row
         already written."""
-        pending = patient.pending_stay
-        if pending is not None and pending["stay_id"] == stay_id:
-            pending.update(values)
-            self.changes.insert("stays", stay_id, pending)
+        if self._patch_pending(patient.pending_stay, "stays", stay_id, values):
             patient.pending_stay = None
-        else:
-            self.changes.patch("stays", stay_id, values)
 
     def _patch_episode(self, patient: PatientFold, episode_id: str, values: Row) -> None:
         """Change an episode: as `_patch_stay`."""
-        pending = patient.pending_episode
-        if pending is not None and pending["episode_id"] == episode_id:
-            pending.update(values)
-            self.changes.insert("episodes", episode_id, pending)
+        if self._patch_pending(patient.pending_episode, "episodes", episode_id, values):
             patient.pending_episode = None
-        else:
-            self.changes.patch("episodes", episode_id, values)
+
+    def _patch_pending(self, pending: Row | None, table: str, key: str, values: Row) -> bool:
+        """Patch row `key` of `table`; True if it was the pending row (now inserted)."""
+        if pending is not None and pending[_ROW_KEY[table]] == key:
+            pending.update(values)
+            self.changes.insert(table, key, pending)
+            return True
+        self.changes.patch(table, key, values)
+        return False
 
     def _write_pending(self, patient: PatientFold) -> None:
         """Write the rows a deferring fold holds for this patient (it is being saved)."""
@@ -787,6 +786,8 @@ class ContinuumFold:
         return row
 
 
+#: The key column of the rows a deferring fold holds back.
+_ROW_KEY = {"stays": "stay_id", "episodes": "episode_id"}
 _STAY_REOPENED: Row = {
     "ended_at": None,
     "ended_recorded_at": None,

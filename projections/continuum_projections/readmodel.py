@@ -422,33 +422,28 @@ class ReadModel:
     # -- fold state ---------------------------------------------------------------------------
 
     def load_patients(self, keys: Iterable[str]) -> dict[str, PatientFold]:
-        keys = list(keys)
-        found: dict[str, PatientFold] = {}
-        with self.engine.connect() as conn:
-            for start in range(0, len(keys), 500):
-                chunk = keys[start : start + 500]
-                rows = conn.execute(
-                    select(patients.c.patient_key, patients.c.fold_state).where(
-                        patients.c.patient_key.in_(chunk)
-                    )
-                ).all()
-                for key, state in rows:
-                    found[key] = PatientFold.from_json(key, state)
-        return found
+        return {
+            key: PatientFold.from_json(key, state)
+            for key, state in self._patient_column(patients.c.fold_state, keys)
+        }
 
     def saved_versions(self, keys: Iterable[str]) -> dict[str, int]:
         """The version of each of these patients' saved fold state (absent: none saved)."""
+        return {
+            key: int(version) for key, version in self._patient_column(patients.c.version, keys)
+        }
+
+    def _patient_column(self, column: Any, keys: Iterable[str]) -> list[tuple[str, Any]]:
+        """(patient key, value of `column`) for each of these patients that has a row."""
         keys = list(keys)
-        found: dict[str, int] = {}
+        found: list[tuple[str, Any]] = []
         with self.engine.connect() as conn:
             for start in range(0, len(keys), 500):
                 chunk = keys[start : start + 500]
-                rows = conn.execute(
-                    select(patients.c.patient_key, patients.c.version).where(
-                        patients.c.patient_key.in_(chunk)
-                    )
-                ).all()
-                found.update((key, int(version)) for key, version in rows)
+                query = select(patients.c.patient_key, column).where(
+                    patients.c.patient_key.in_(chunk)
+                )
+                found.extend((row[0], row[1]) for row in conn.execute(query))
         return found
 
     # -- the writer ---------------------------------------------------------------------------

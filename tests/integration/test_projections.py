@@ -472,6 +472,18 @@ def test_read_model_refuses_another_schema_version_and_a_second_source(
     model.create()  # a rebuilt read model is usable again
 
 
+def _assert_equals_a_clean_rebuild(
+    store: SqlEventStore, engine: Engine, policies: PolicyRegistry
+) -> None:
+    from continuum.adapters.sql.database import create_database_engine
+
+    clean = create_database_engine("sqlite://")
+    rebuilt = ReadModel(clean)
+    rebuilt.create()
+    StoreRunner(store, rebuilt, policies).run()
+    assert diff_read_models(clean, engine) == []
+
+
 def test_a_failed_flush_writes_nothing_and_the_runner_resumes(
     sqlite_engine: Engine, policies: PolicyRegistry, monkeypatch: Any
 ) -> None:
@@ -500,13 +512,7 @@ def test_a_failed_flush_writes_nothing_and_the_runner_resumes(
     resumed = StoreRunner(store, model, policies, flush_every=5, page=5).run()
     assert resumed.refolded == saved
     assert model.checkpoint("store:state") == model.checkpoint("store") == store.head_position()
-    from continuum.adapters.sql.database import create_database_engine
-
-    clean = create_database_engine("sqlite://")
-    rebuilt = ReadModel(clean)
-    rebuilt.create()
-    StoreRunner(store, rebuilt, policies).run()
-    assert diff_read_models(clean, sqlite_engine) == []
+    _assert_equals_a_clean_rebuild(store, sqlite_engine, policies)
 
 
 def test_a_long_catch_up_saves_every_patient_every_few_batches(
@@ -539,13 +545,7 @@ def test_a_long_catch_up_saves_every_patient_every_few_batches(
     assert model.checkpoint("store") == 15
     resumed = StoreRunner(store, model, policies, flush_every=5, page=5).run()
     assert resumed.refolded == 5
-    from continuum.adapters.sql.database import create_database_engine
-
-    clean = create_database_engine("sqlite://")
-    rebuilt = ReadModel(clean)
-    rebuilt.create()
-    StoreRunner(store, rebuilt, policies).run()
-    assert diff_read_models(clean, sqlite_engine) == []
+    _assert_equals_a_clean_rebuild(store, sqlite_engine, policies)
 
 
 def test_query_indexes_are_built_once_the_first_run_has_caught_up(

@@ -85,10 +85,8 @@ def test_void_of_a_discharge_reopens_the_stay_and_the_episode(
     assert [d["delta"] for d in changes.deltas] == [1, -1, 1]
 
 
-def test_void_of_an_admission_empties_the_census_and_voids_the_episode(
-    env: Any, policies: PolicyRegistry
-) -> None:
-    store, service, _ = env
+def _admitted_in_error(store: InMemoryEventStore, service: PatientService) -> tuple[str, Any]:
+    """A patient admitted, then the admission voided: (key, the admission event)."""
     key = admit(service)
     first = store.read_stream(key)[0]
     service.handle(
@@ -99,6 +97,14 @@ def test_void_of_an_admission_empties_the_census_and_voids_the_episode(
             occurred_at=day(1),
         )
     )
+    return key, first
+
+
+def test_void_of_an_admission_empties_the_census_and_voids_the_episode(
+    env: Any, policies: PolicyRegistry
+) -> None:
+    store, service, _ = env
+    key, first = _admitted_in_error(store, service)
     fold = fold_all(policies, wire(store, key))
     patient = fold.patients[key]
     assert patient.placement is None
@@ -290,16 +296,7 @@ def test_a_void_of_a_deferred_admission_writes_the_voided_rows(
     env: Any, policies: PolicyRegistry
 ) -> None:
     store, service, _ = env
-    key = admit(service)
-    first = store.read_stream(key)[0]
-    service.handle(
-        c.VoidEvent(
-            patient_key=key,
-            event_id=first.event_id,
-            reason=VoidReason.WRONG_PATIENT,
-            occurred_at=day(1),
-        )
-    )
+    key, first = _admitted_in_error(store, service)
     fold = ContinuumFold(PolicyViews(policies), defer=True)
     events = wire(store, key)
     fold.apply(events[0])
