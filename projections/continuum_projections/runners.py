@@ -275,6 +275,7 @@ class StoreRunner(_Base):
         if (
             pending
             or self.fold.dirty
+            or saved < after  # warmed up: the state checkpoint must catch up even so
             or (self.shard is not None and after > self.model.checkpoint(self.name))
         ):
             self._flush({self.name: after}, complete=True)

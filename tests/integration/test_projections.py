@@ -548,6 +548,25 @@ def test_a_long_catch_up_saves_every_patient_every_few_batches(
     _assert_equals_a_clean_rebuild(store, sqlite_engine, policies)
 
 
+def test_a_run_that_folds_nothing_still_moves_its_state_checkpoint(
+    sqlite_engine: Engine, policies: PolicyRegistry
+) -> None:
+    """A replay as of a moment before every event changes no patient; its state checkpoint
+    must still reach its checkpoint, or every later run would fold the log again first."""
+    store = SqlEventStore(sqlite_engine)
+    build_cohort(store, policies)
+    head = store.head_position()
+    # Batches of 4 events end exactly at the head, and fewer than COMPLETE_EVERY of them: no
+    # batch is a complete one on its own.
+    assert head % 4 == 0 and head // 4 < 10
+    model = ReadModel(sqlite_engine)
+    model.create()
+    runner = StoreRunner(store, model, policies, as_of=T0 - dt.timedelta(days=1), flush_every=4)
+    assert runner.run().skipped == head
+    assert model.checkpoint("store:state") == model.checkpoint("store") == head
+    assert StoreRunner(store, model, policies, as_of=T0 - dt.timedelta(days=1)).run().refolded == 0
+
+
 def test_query_indexes_are_built_once_the_first_run_has_caught_up(
     engine: Engine, policies: PolicyRegistry
 ) -> None:
