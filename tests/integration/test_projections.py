@@ -402,6 +402,26 @@ def test_census_as_of_equals_a_replay_to_that_moment(
         assert got == expected, moment
         target.dispose()
 
+    # Cut all at once from the deltas (as a parallel rebuild's merge does), the snapshots
+    # are the ones cut batch by batch.
+    def snapshots_now() -> list[Any]:
+        with sqlite_engine.connect() as conn:
+            return [
+                tuple(row)
+                for row in conn.execute(
+                    text(
+                        "SELECT b.boundary, b.deltas, s.level, s.site, s.program, s.age_group,"
+                        " s.count FROM rm_census_boundaries b JOIN rm_census_snapshots s"
+                        " ON s.boundary = b.boundary ORDER BY 1, 3, 4, 5, 6"
+                    )
+                )
+            ]
+
+    incremental = snapshots_now()
+    with sqlite_engine.begin() as conn:
+        rm._cut_all_snapshots(conn)
+    assert snapshots_now() == incremental
+
 
 def test_late_recorded_deltas_are_added_to_earlier_snapshots(
     sqlite_engine: Engine, policies: PolicyRegistry, monkeypatch: Any
