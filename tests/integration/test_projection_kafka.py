@@ -176,11 +176,11 @@ def test_kafka_runner_into_postgresql_overlaps_writes_and_recovers_from_a_failed
         original = ReadModel.write
         calls: list[int] = []
 
-        def third_write_fails(self: ReadModel, *args: Any) -> None:
+        def third_write_fails(self: ReadModel, *args: Any, **options: Any) -> None:
             calls.append(1)
             if len(calls) == 3:
                 raise RuntimeError("disk full (injected)")
-            original(self, *args)
+            original(self, *args, **options)
 
         monkeypatch.setattr(ReadModel, "write", third_write_fails)
         with pytest.raises(RuntimeError, match="disk full"):
@@ -225,13 +225,13 @@ def test_a_fenced_kafka_runner_drops_its_stale_batch_and_counts_nothing_twice(
         writes_of_a: list[int] = []
         b_runs: list[KafkaRunner] = []
 
-        def a_stalls_while_b_takes_over(self: ReadModel, *args: Any) -> None:
+        def a_stalls_while_b_takes_over(self: ReadModel, *args: Any, **options: Any) -> None:
             if self is model_a:
                 writes_of_a.append(1)
                 if len(writes_of_a) == 2:
                     b, _ = _kafka_run(settings, topic, model_b, policies, group="b")
                     b_runs.append(b)
-            original(self, *args)
+            original(self, *args, **options)
 
         monkeypatch.setattr(ReadModel, "write", a_stalls_while_b_takes_over)
         a, lag = _kafka_run(settings, topic, model_a, policies, group="a")
