@@ -205,7 +205,9 @@ class PatientFold:
     def row(self) -> Row:
         p = self.placement
         active = p is not None
-        last = max(self.assessed.values()) if self.assessed else None
+        # By time, not by text: a time on a whole second is written without a fraction
+        # ("...13Z"), which sorts after "...13.5Z" as text.
+        last = max(self.assessed.values(), key=parse_time) if self.assessed else None
         return {
             "patient_key": self.key,
             "state": self.state,

@@ -158,6 +158,12 @@ def test_fold_state_round_trips_through_json(env: Any, policies: PolicyRegistry)
         PatientFold.from_json(key, broken)
 
 
+def test_the_last_assessment_is_the_latest_by_time_not_by_text() -> None:
+    patient = PatientFold(key="pk-x")
+    patient.assessed = {"a": "2026-03-01T10:00:13Z", "b": "2026-03-01T10:00:13.500000Z"}
+    assert patient.row()["last_assessed_at"] == "2026-03-01T10:00:13.500000Z"
+
+
 @pytest.mark.parametrize(
     ("a", "b", "skipped"),
     [
