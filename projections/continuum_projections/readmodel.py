@@ -484,8 +484,7 @@ class ReadModel:
         now = dt.datetime.now(dt.UTC)
         changes = batch.changes
         with self.engine.begin() as conn:
-            postgresql = conn.dialect.name == "postgresql"
-            if postgresql:
+            if conn.dialect.name == "postgresql":
                 # A read model is rebuilt from the log, and its checkpoint commits with its
                 # rows: if the server crashes before this commit reaches disk, rows and
                 # checkpoint are lost together and the runner applies the batch again. So
@@ -494,12 +493,11 @@ class ReadModel:
                 conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
             if starts:
                 _fence(conn, starts)  # before any row: a stale batch writes nothing
-            write = _write_pg if postgresql else _write_core
             for name, table in ROW_TABLES.items():
-                write(conn, table, list(changes.inserts.get(name, {}).values()))
+                _write(conn, table, list(changes.inserts.get(name, {}).values()))
                 for fields, keyed in _group_patches(changes.patches.get(name, {})).items():
                     _update(conn, table, KEYS[name], fields, keyed)
-            write(conn, patients, batch.new_patients)
+            _write(conn, patients, batch.new_patients)
             if batch.old_patients:
                 fields = tuple(c.name for c in patients.c if c.name != "patient_key")
                 params = [
@@ -508,7 +506,7 @@ class ReadModel:
                 ]
                 _update(conn, patients, "patient_key", fields, params)
             if changes.deltas:
-                write(conn, census_deltas, changes.deltas)
+                _write(conn, census_deltas, changes.deltas)
                 if snapshots:
                     self._maintain_snapshots(conn, changes.deltas)
             for name, position in positions.items():
@@ -555,16 +553,19 @@ class ReadModel:
         self, conn: Connection, boundary: dt.datetime, previous: dt.datetime | None, deltas: int
     ) -> None:
         counts = census_totals(conn, boundary, previous)
-        rows = [
-            {"boundary": boundary, **dict(zip(CENSUS_KEY, key, strict=True)), "count": n}
-            for key, n in counts.items()
-            if n
-        ]
-        if rows:
-            (_write_pg if conn.dialect.name == "postgresql" else _write_core)(
-                conn, census_snapshots, rows
-            )
+        _write(conn, census_snapshots, _snapshot_rows(boundary, counts))
         conn.execute(insert(census_boundaries).values(boundary=boundary, deltas=deltas))
+
+
+def _snapshot_rows(
+    boundary: dt.datetime, counts: Mapping[tuple[str, str, str, str], int]
+) -> list[Row]:
+    """The census snapshot at `boundary`: a row per census key with a count."""
+    return [
+        {"boundary": boundary, **dict(zip(CENSUS_KEY, key, strict=True)), "count": n}
+        for key, n in counts.items()
+        if n
+    ]
 
 
 def _cut_all_snapshots(conn: Connection) -> None:
@@ -586,11 +587,7 @@ def _cut_all_snapshots(conn: Connection) -> None:
 
     def cut(boundary: dt.datetime) -> None:
         nonlocal since
-        snapshot_rows.extend(
-            {"boundary": boundary, **dict(zip(CENSUS_KEY, key, strict=True)), "count": n}
-            for key, n in totals.items()
-            if n
-        )
+        snapshot_rows.extend(_snapshot_rows(boundary, totals))
         boundary_rows.append({"boundary": boundary, "deltas": since})
         since = 0
 
@@ -606,9 +603,8 @@ def _cut_all_snapshots(conn: Connection) -> None:
         since += 1
     if current is not None and since >= SNAPSHOT_EVERY:
         cut(current)
-    write = _write_pg if conn.dialect.name == "postgresql" else _write_core
-    write(conn, census_snapshots, snapshot_rows)
-    write(conn, census_boundaries, boundary_rows)
+    _write(conn, census_snapshots, snapshot_rows)
+    _write(conn, census_boundaries, boundary_rows)
 
 
 #: PostgreSQL advisory-lock keys (transaction scope) for writers sharing one read model.
@@ -720,6 +716,11 @@ def _for_core(table: Table, row: Row, prefix: str = "") -> Row:
         k: _time(v) if isinstance(v, str) and k.removeprefix(prefix) in names else v
         for k, v in row.items()
     }
+
+
+def _write(conn: Connection, table: Table, rows: list[Row]) -> None:
+    """Insert rows in bulk: COPY on PostgreSQL, an executemany elsewhere."""
+    (_write_pg if conn.dialect.name == "postgresql" else _write_core)(conn, table, rows)
 
 
 def _write_core(conn: Connection, table: Table, rows: list[Row]) -> None:
