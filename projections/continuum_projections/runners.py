@@ -92,8 +92,12 @@ class _Base:
         #: rebuild's shards: the merge cuts them all at once).
         self._snapshots = True
 
+    def _past_as_of(self, event: Event) -> bool:
+        """Recorded after the moment this runner replays to (`as_of`)."""
+        return self.as_of is not None and parse_time(event["recorded_at"]) > self.as_of
+
     def _apply(self, event: Event) -> None:
-        if self.as_of is not None and parse_time(event["recorded_at"]) > self.as_of:
+        if self._past_as_of(event):
             self.progress.skipped += 1
             return
         if self.fold.apply(event):
@@ -249,13 +253,10 @@ class StoreRunner(_Base):
             if end <= scanned:
                 break
             ahead = self._read_ahead(end, until)
-            events = [decode(body) for _, _, body in page]
-            self.fold.preload({event["stream_id"] for event in events})
-            for (position, _, _), event in zip(page, events, strict=True):
-                event["position"] = position
+            for event in self._decoded(page):
                 self._apply(event)
                 pending += 1
-                after = self.progress.position = position
+                after = self.progress.position = event["position"]
                 if pending >= self.flush_every or self.fold.changes.rows >= MAX_BATCH_ROWS:
                     self._flush({self.name: after})
                     pending = 0
@@ -272,12 +273,9 @@ class StoreRunner(_Base):
         ahead.cancel()
         with contextlib.suppress(Exception):
             ahead.result()  # not used: read past a stop, or past the end
-        if (
-            pending
-            or self.fold.dirty
-            or saved < after  # warmed up: the state checkpoint must catch up even so
-            or (self.shard is not None and after > self.model.checkpoint(self.name))
-        ):
+        # Anything read since the last complete batch (events not yet written, patients not
+        # yet saved, a shard's windows of others' events, a warm-up) ends in a complete one.
+        if after > saved:
             self._flush({self.name: after}, complete=True)
         self._finish()
         if self.shard is None:
@@ -309,11 +307,8 @@ class StoreRunner(_Base):
             if stop is not None and stop.is_set():
                 return False
             ahead = self._read_ahead(upto, end)
-            events = [decode(body) for _, _, body in page]
-            self.fold.preload({event["stream_id"] for event in events})
-            for (position, _, _), event in zip(page, events, strict=True):
-                event["position"] = position
-                if self.as_of is None or parse_time(event["recorded_at"]) <= self.as_of:
+            for event in self._decoded(page):
+                if not self._past_as_of(event):
                     self.fold.apply(event)
             self.fold.discard_changes()
             self.progress.refolded += len(page)
@@ -323,6 +318,17 @@ class StoreRunner(_Base):
             scanned = upto
             if on_progress:
                 on_progress(self.progress)
+
+    def _decoded(self, page: Page) -> list[Event]:
+        """A page's events, decoded, with their log positions, and their patients' saved
+        state loaded (one query for the page)."""
+        events = []
+        for position, _, body in page:
+            event = decode(body)
+            event["position"] = position
+            events.append(event)
+        self.fold.preload({stream_id for _, stream_id, _ in page})
+        return events
 
     def _read_ahead(self, after: int, until: int | None) -> Future[tuple[Page, int]]:
         if self._ahead:
