@@ -77,6 +77,15 @@ def cohort(pg_url: str) -> Iterator[tuple[Engine, ReadModel, int]]:
             yield engine, model, store.head_position()
 
 
+@contextlib.contextmanager
+def _target(
+    pg_url: str, log: Engine, prefix: str, *, fail_in_shard: bool = False
+) -> Iterator[tuple[Engine, Opener]]:
+    """A fresh schema to rebuild into, and the shards' opener for it and the log."""
+    with fresh_pg_schema(pg_url, prefix=prefix) as target:
+        yield target, functools.partial(_open, pg_url, _schema(log), _schema(target), fail_in_shard)
+
+
 def _census_at_moments(engine: Engine) -> list[dict[tuple[str, str, str, str], int]]:
     with engine.connect() as conn:
         first, last = conn.execute(
@@ -126,8 +135,7 @@ def test_two_shards_build_exactly_the_one_process_read_model(
     assert head > 1_000
     # The shards write no snapshots; the merge (in this process) cuts them all at once.
     monkeypatch.setattr(rm, "SNAPSHOT_EVERY", 10)
-    with fresh_pg_schema(pg_url, prefix="par_two") as target:
-        opener = functools.partial(_open, pg_url, _schema(log), _schema(target))
+    with _target(pg_url, log, "par_two") as (target, opener):
         seen: list[int] = []
         progress = rebuild(opener, SHARDS, until=head, on_progress=lambda p: seen.append(p.events))
         assert progress.events == head
@@ -157,8 +165,7 @@ def test_a_stopped_rebuild_is_refused_by_the_ordinary_runner_and_goes_on_when_ru
     pg_url: str, cohort: tuple[Engine, ReadModel, int]
 ) -> None:
     log, reference, head = cohort
-    with fresh_pg_schema(pg_url, prefix="par_stop") as target:
-        opener = functools.partial(_open, pg_url, _schema(log), _schema(target))
+    with _target(pg_url, log, "par_stop") as (target, opener):
         stop = threading.Event()
 
         def halt_early(p: object) -> None:
@@ -189,8 +196,7 @@ def test_a_failed_shard_stops_the_others_and_is_named(
     pg_url: str, cohort: tuple[Engine, ReadModel, int]
 ) -> None:
     log, _, head = cohort
-    with fresh_pg_schema(pg_url, prefix="par_fail") as target:
-        opener = functools.partial(_open, pg_url, _schema(log), _schema(target), True)
+    with _target(pg_url, log, "par_fail", fail_in_shard=True) as (target, opener):
         with pytest.raises(ShardFailed, match=r"shard \d of 2 failed: RuntimeError: the shard's"):
             rebuild(opener, SHARDS, until=head)
         assert ReadModel(target).checkpoints_like("store") == {}
@@ -200,8 +206,7 @@ def test_a_sigkilled_shard_is_reported_and_the_rebuild_goes_on_to_the_same_read_
     pg_url: str, cohort: tuple[Engine, ReadModel, int]
 ) -> None:
     log, reference, head = cohort
-    with fresh_pg_schema(pg_url, prefix="par_kill") as target:
-        opener = functools.partial(_open, pg_url, _schema(log), _schema(target))
+    with _target(pg_url, log, "par_kill") as (target, opener):
         built = ReadModel(target)
         errors = _signal_shard_midway(opener, built, head, signal.SIGKILL)
         assert len(errors) == 1 and isinstance(errors[0], ShardFailed), errors
@@ -253,8 +258,7 @@ def test_ctrl_c_reaching_a_shard_leaves_the_stop_to_the_coordinator(
     """A terminal's Ctrl-C goes to every process of the group. A shard ignores it (the
     coordinator stops the shards itself), so the run goes on, here to the end."""
     log, reference, head = cohort
-    with fresh_pg_schema(pg_url, prefix="par_int") as target:
-        opener = functools.partial(_open, pg_url, _schema(log), _schema(target))
+    with _target(pg_url, log, "par_int") as (target, opener):
         built = ReadModel(target)
         assert _signal_shard_midway(opener, built, head, signal.SIGINT) == []
         _assert_same(reference, built, head)
