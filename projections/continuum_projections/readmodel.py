@@ -15,7 +15,8 @@ from __future__ import annotations
 import bisect
 import datetime as dt
 import itertools
-from collections.abc import Iterable, Mapping, Sequence
+import operator
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -738,8 +739,17 @@ def _write_pg(conn: Connection, table: Table, rows: list[Row]) -> None:
     with raw.cursor() as cursor:  # type: ignore[union-attr]
         sql = f"COPY {table.name} ({', '.join(columns)}) FROM STDIN"
         with cursor.copy(sql) as copy:
-            for row in rows:
-                copy.write_row([row[c] for c in columns])
+            for values in map(_getter(columns), rows):
+                copy.write_row(values)
+
+
+def _getter(columns: Sequence[str]) -> Callable[[Row], tuple[Any, ...]]:
+    """A row's values in `columns` order, as a tuple (taken in C: a list comprehension here
+    was 7% of a rebuild's Python time)."""
+    if len(columns) == 1:
+        (column,) = columns
+        return lambda row: (row[column],)
+    return operator.itemgetter(*columns)
 
 
 #: Below this many rows an UPDATE per row (pipelined) beats a temporary table.
@@ -766,8 +776,8 @@ def _update(
         key_type = table.c[key].type.compile(dialect=conn.dialect)
         cursor.execute(f"CREATE TEMPORARY TABLE {temp} (_key {key_type}, {types}) ON COMMIT DROP")
         with cursor.copy(f"COPY {temp} (_key, {', '.join(fields)}) FROM STDIN") as copy:
-            for row in params:
-                copy.write_row([row["_key"], *[row[f"v_{f}"] for f in fields]])
+            for values in map(_getter(["_key", *(f"v_{f}" for f in fields)]), params):
+                copy.write_row(values)
         sets = ", ".join(f"{f} = p.{f}" for f in fields)
         cursor.execute(
             f"UPDATE {table.name} AS t SET {sets} FROM {temp} AS p WHERE t.{key} = p._key"
