@@ -299,6 +299,8 @@ class ReadModel:
                 if table.name in present:
                     continue
                 conn.execute(CreateTable(table))
+                if table is patients and conn.dialect.name == "postgresql":
+                    _compress_fold_state(conn)
                 for index in table.indexes:
                     if index.name not in DEFERRED_INDEXES:
                         index.create(conn)
@@ -611,6 +613,26 @@ def _cut_all_snapshots(conn: Connection) -> None:
 #: PostgreSQL advisory-lock keys (transaction scope) for writers sharing one read model.
 SCHEMA_LOCK = 0x636F6E74_0001
 SNAPSHOT_LOCK = 0x636F6E74_0002
+
+
+def _compress_fold_state(conn: Connection) -> None:
+    """Compress the patients' fold state (about 2 KB of JSON a row, so PostgreSQL compresses
+    it out of line) with LZ4 where the server has it: its default, pglz, took 3.0 s of the
+    server's time to COPY the 67,000 patients of a million-event rebuild, LZ4 1.7 s."""
+    offered = conn.exec_driver_sql(
+        "SELECT enumvals FROM pg_settings WHERE name = 'default_toast_compression'"
+    ).scalar()
+    method = toast_compression(offered)
+    if method is not None:
+        conn.exec_driver_sql(
+            f"ALTER TABLE {patients.name} ALTER COLUMN fold_state SET COMPRESSION {method}"
+        )
+
+
+def toast_compression(offered: Sequence[str] | None) -> str | None:
+    """LZ4 if the server offers it (PostgreSQL 14 or later, built with it), else None (keep
+    the server's default)."""
+    return "lz4" if offered is not None and "lz4" in offered else None
 
 
 def _serialize(conn: Connection, key: int) -> None:

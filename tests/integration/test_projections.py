@@ -628,3 +628,27 @@ def test_a_batch_is_cut_by_its_row_count_too(
     monkeypatch.setattr(runners, "MAX_BATCH_ROWS", 100_000)
     assert StoreRunner(store, rebuilt, policies, flush_every=1_000_000).run().flushes == 1
     assert diff_read_models(clean, sqlite_engine) == []
+
+
+@pytest.mark.postgres
+def test_the_fold_state_is_compressed_with_lz4_where_the_server_offers_it(
+    pg_engine: Engine,
+) -> None:
+    ReadModel(pg_engine).create()
+    with pg_engine.connect() as conn:
+        offered = conn.execute(
+            text("SELECT enumvals FROM pg_settings WHERE name = 'default_toast_compression'")
+        ).scalar()
+        method = conn.execute(
+            text(
+                "SELECT attcompression FROM pg_attribute "
+                "WHERE attrelid = 'rm_patients'::regclass AND attname = 'fold_state'"
+            )
+        ).scalar()
+    assert method == ("l" if "lz4" in (offered or []) else "")
+
+
+def test_the_fold_state_keeps_the_servers_default_compression_without_lz4() -> None:
+    assert rm.toast_compression(["pglz", "lz4"]) == "lz4"
+    assert rm.toast_compression(["pglz"]) is None  # a server built without LZ4
+    assert rm.toast_compression(None) is None  # PostgreSQL 13 or older: no such setting
