@@ -116,6 +116,31 @@ def test_store_and_kafka_runners_build_identical_read_models(
         assert reports.audit_trail(a) == reports.audit_trail(b)
 
 
+def test_records_not_keyed_by_patient_fold_the_same(
+    sqlite_engine: Engine, policies: PolicyRegistry, kafka_broker: BrokerInfo, tmp_path: Path
+) -> None:
+    """The runner loads saved state by the records' keys; a record without a key, or with
+    another, is still folded (its patient is looked up on its own)."""
+    store = _cohort(sqlite_engine, policies)
+    head = store.head_position()
+    topic = create_topic(kafka_broker.bootstrap_servers, unique("unkeyed"), partitions=1)
+    settings = settings_for(kafka_broker.bootstrap_servers, kafka_broker)
+    producer = clients.producer(settings)
+    try:
+        for i, wire in enumerate(store.read_wire(0, head)):
+            key = None if i % 2 else b"not-a-patient"
+            producer.send(topic, key=key, value=wire.value)
+        producer.flush()
+    finally:
+        producer.close()
+    from_store = _model(tmp_path / "store.sqlite3")
+    StoreRunner(store, from_store, policies).run()
+    from_kafka = _model(tmp_path / "kafka.sqlite3")
+    runner, lag = _kafka_run(settings, topic, from_kafka, policies, group="g-unkeyed")
+    assert (runner.progress.events, lag) == (head, 0)
+    assert diff_read_models(from_store.engine, from_kafka.engine) == []
+
+
 def test_kafka_replay_as_of_uses_recorded_time(
     sqlite_engine: Engine, policies: PolicyRegistry, kafka_broker: BrokerInfo, tmp_path: Path
 ) -> None:
