@@ -11,8 +11,8 @@ rebuild run again goes on from them, and until it completes the ordinary runner 
 read model (its source names the shards).
 
 Python folds on one core per process; on the 2-core benchmark machine two shards rebuild 1M
-events about 1.3 times as fast as one process, with about 1.4 times its memory in all
-(docs/benchmarks.md).
+events about 1.1-1.25 times as fast as one process, with about 1.4 times its memory in all
+(docs/benchmarks.md): together they keep both cores busy.
 """
 
 from __future__ import annotations
@@ -93,9 +93,8 @@ def rebuild(
     """Fold every event up to position `until` in `shards` processes; merge their checkpoints
     and build the query indexes once all are done. Each shard writes a batch every
     `flush_every` of its events. Memory adds up across the shards: on the 1M benchmark two
-    shards peaked at about 300 MB each with 50,000-event batches (22,200-30,800 events/s on a
-    noisy host) and 255 MB each with 25,000 (23,600 events/s), where one process peaks at
-    about 410 MB (docs/benchmarks.md).
+    shards peaked at about 270 MB each with 50,000-event batches (26,300-28,700 events/s on a
+    noisy host), where one process peaks at about 390 MB (docs/benchmarks.md).
 
     The shards keep no census snapshots while they run (their deltas interleave in recorded
     time); the merge cuts them all in one pass (`ReadModel.merge_checkpoints`).
