@@ -23,6 +23,7 @@ Rows (column names are the read-model tables' in `readmodel.py`):
 from __future__ import annotations
 
 import datetime as dt
+import operator
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,27 +65,77 @@ def parse_time(value: str) -> dt.datetime:
     return dt.datetime.fromisoformat(value)
 
 
+#: The columns of the rows the fold inserts, per table, in the order of the value tuples that
+#: `Changes.inserts` holds (the read model's tables have exactly these; a test checks it).
+COLUMNS: dict[str, tuple[str, ...]] = {
+    "stays": (
+        "stay_id", "patient_key", "episode_id", "level", "site", "program", "age_group",
+        "start_kind", "started_at", "started_recorded_at", "ended_at", "ended_recorded_at",
+        "end_event_id", "end_kind", "next_level", "voided",
+    ),
+    "episodes": (
+        "episode_id", "patient_key", "episode_number", "age_group", "admitted_at",
+        "admitted_recorded_at", "admission_event_id", "entry_level", "entry_site",
+        "previous_episode_id", "days_since_previous_discharge", "policy_id", "policy_version",
+        "discharged_at", "discharge_event_id", "discharge_level", "discharge_reason",
+        "discharge_disposition", "readmitted_at", "readmission_episode_id",
+        "readmitted_within_30d", "voided",
+    ),
+    "transitions": (
+        "event_id", "patient_key", "episode_id", "position", "kind", "direction", "from_level",
+        "from_site", "to_level", "to_site", "occurred_at", "recorded_at",
+        "reassessment_event_id", "reassessment_at", "reassessment_age_days", "ratings",
+        "hours_scheduled", "indicated_level", "variance_reason", "authorization_ref",
+        "actor_id", "actor_role", "policy_id", "policy_version", "window_days",
+        "flag_stale_reassessment", "flag_level_differs", "skipped_levels",
+        "flag_skipped_levels", "hours_band_min", "hours_attended_14d",
+        "hours_per_week_attended", "flag_hours_below_band", "days_since_discharge",
+        "flag_readmission_30d", "voided", "voided_by", "voided_at",
+    ),
+}  # fmt: skip
+_VALUES = {table: operator.itemgetter(*columns) for table, columns in COLUMNS.items()}
+_INDEX = {table: {c: i for i, c in enumerate(columns)} for table, columns in COLUMNS.items()}
+
+
 @dataclass
 class Changes:
-    """Row changes produced since the last flush, coalesced per row."""
+    """Row changes produced since the last flush, coalesced per row.
 
-    inserts: dict[str, dict[str, Row]] = field(default_factory=dict)
+    An inserted row is kept as its values in `COLUMNS` order, taken from the row's dict when
+    it is inserted: the writer sends them as they are. Taking them at write time instead, from
+    dicts made up to a batch earlier and long out of the CPU's cache, cost about a tenth of a
+    rebuild's Python time (and the dicts, about 30 MB more memory). `inserted` gives dicts."""
+
+    inserts: dict[str, dict[str, tuple[Any, ...]]] = field(default_factory=dict)
     patches: dict[str, dict[str, Row]] = field(default_factory=dict)
     deltas: list[Row] = field(default_factory=list)
     events: int = 0
     rows: int = 0  # rows inserted or patched so far (bounds a batch's memory)
 
     def insert(self, table: str, key: str, row: Row) -> None:
-        self.inserts.setdefault(table, {})[key] = row
+        self.inserts.setdefault(table, {})[key] = _VALUES[table](row)
         self.rows += 1
 
     def patch(self, table: str, key: str, values: Row) -> None:
         inserted = self.inserts.get(table, {}).get(key)
         if inserted is not None:
-            inserted.update(values)
+            patched = list(inserted)
+            index = _INDEX[table]
+            for column, value in values.items():
+                patched[index[column]] = value
+            self.inserts[table][key] = tuple(patched)
         else:
             self.patches.setdefault(table, {}).setdefault(key, {}).update(values)
             self.rows += 1
+
+    def inserted(self, table: str) -> dict[str, Row]:
+        """The rows inserted into `table`, by key, as dicts (for readers: the web console's
+        preview of a patient, tests)."""
+        columns = COLUMNS[table]
+        return {
+            key: dict(zip(columns, values, strict=True))
+            for key, values in self.inserts.get(table, {}).items()
+        }
 
     def __bool__(self) -> bool:
         return bool(self.events or self.inserts or self.patches or self.deltas)

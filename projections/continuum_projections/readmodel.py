@@ -47,7 +47,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.schema import CreateTable
 
 from continuum.domain.errors import StoreNotReady
-from continuum_projections.fold import Changes, PatientFold, Row
+from continuum_projections.fold import COLUMNS, Changes, PatientFold, Row
 
 SCHEMA_VERSION = "1"
 #: A census snapshot is cut after this many census deltas (bounds an as-of query's replay).
@@ -497,7 +497,9 @@ class ReadModel:
             if starts:
                 _fence(conn, starts)  # before any row: a stale batch writes nothing
             for name, table in ROW_TABLES.items():
-                _write(conn, table, list(changes.inserts.get(name, {}).values()))
+                inserted = changes.inserts.get(name)
+                if inserted:
+                    _write_values(conn, table, COLUMNS[name], inserted.values())
                 for fields, keyed in _group_patches(changes.patches.get(name, {})).items():
                     _update(conn, table, KEYS[name], fields, keyed)
             _write(conn, patients, batch.new_patients)
@@ -742,27 +744,29 @@ def _for_core(table: Table, row: Row, prefix: str = "") -> Row:
 
 
 def _write(conn: Connection, table: Table, rows: list[Row]) -> None:
-    """Insert rows in bulk: COPY on PostgreSQL, an executemany elsewhere."""
-    (_write_pg if conn.dialect.name == "postgresql" else _write_core)(conn, table, rows)
-
-
-def _write_core(conn: Connection, table: Table, rows: list[Row]) -> None:
+    """Insert rows given as dicts in bulk (`_write_values`)."""
     if rows:
-        conn.execute(insert(table), [_for_core(table, row) for row in rows])
+        columns = [c for c in rows[0] if c in table.c]
+        _write_values(conn, table, columns, map(_getter(columns), rows))
 
 
-def _write_pg(conn: Connection, table: Table, rows: list[Row]) -> None:
-    """PostgreSQL bulk path: COPY, without per-row SQLAlchemy parameter processing (times go
-    as the events' ISO 8601 text, which PostgreSQL parses)."""
-    if not rows:
+def _write_values(
+    conn: Connection, table: Table, columns: Sequence[str], rows: Iterable[tuple[Any, ...]]
+) -> None:
+    """Insert rows given as values in `columns` order: COPY on PostgreSQL (without per-row
+    SQLAlchemy parameter processing; times go as the events' ISO 8601 text, which PostgreSQL
+    parses), an executemany elsewhere."""
+    if conn.dialect.name != "postgresql":
+        params = [_for_core(table, dict(zip(columns, row, strict=True))) for row in rows]
+        if params:
+            conn.execute(insert(table), params)
         return
-    columns = [c for c in rows[0] if c in table.c]
     raw = conn.connection.driver_connection
     with raw.cursor() as cursor:  # type: ignore[union-attr]
         sql = f"COPY {table.name} ({', '.join(columns)}) FROM STDIN"
         with cursor.copy(sql) as copy:
-            for values in map(_getter(columns), rows):
-                copy.write_row(values)
+            for row in rows:
+                copy.write_row(row)
 
 
 def _getter(columns: Sequence[str]) -> Callable[[Row], tuple[Any, ...]]:

@@ -267,7 +267,7 @@ def projection_rows(events: list[PatientEvent], policies: PolicyRegistry) -> dic
         assert fold.apply(decode(canonical_json(event)))
     changes, _ = fold.take()
     assert not changes.patches.get("stays") and not changes.patches.get("episodes")
-    return changes.inserts
+    return {table: changes.inserted(table) for table in changes.inserts}
 
 
 def check_against_the_folds(

@@ -15,7 +15,7 @@ from continuum.domain import commands as c
 from continuum.domain.patient import replay
 from continuum.domain.policy import PolicyRegistry
 from continuum_events import AgeGroup, DischargeReason, Disposition, VoidReason, canonical_json
-from continuum_projections.fold import ContinuumFold, PatientFold, decode
+from continuum_projections.fold import COLUMNS, Changes, ContinuumFold, PatientFold, decode
 from continuum_projections.policyview import PolicyView, PolicyViews
 from tests.support import FixedClock, assessment, day
 
@@ -78,9 +78,9 @@ def test_void_of_a_discharge_reopens_the_stay_and_the_episode(
     domain = replay(key, store.read_stream(key), policies)
     assert patient.state == domain.state == "3.5"
     changes = fold.changes
-    stay = changes.inserts["stays"][str(events[0]["event_id"])]
+    stay = changes.inserted("stays")[str(events[0]["event_id"])]
     assert stay["ended_at"] is None  # closed by the discharge, reopened by its void
-    episode = changes.inserts["episodes"][str(events[0]["data"]["episode_id"])]
+    episode = changes.inserted("episodes")[str(events[0]["data"]["episode_id"])]
     assert episode["discharged_at"] is None
     assert [d["delta"] for d in changes.deltas] == [1, -1, 1]
 
@@ -109,8 +109,8 @@ def test_void_of_an_admission_empties_the_census_and_voids_the_episode(
     patient = fold.patients[key]
     assert patient.placement is None
     assert patient.row()["active"] is False
-    assert fold.changes.inserts["episodes"][str(first.data.episode_id)]["voided"] is True
-    assert fold.changes.inserts["stays"][str(first.event_id)]["voided"] is True
+    assert fold.changes.inserted("episodes")[str(first.data.episode_id)]["voided"] is True
+    assert fold.changes.inserted("stays")[str(first.event_id)]["voided"] is True
     assert sum(d["delta"] for d in fold.changes.deltas) == 0
 
 
@@ -130,13 +130,13 @@ def test_stale_reassessment_flag_on_a_recorded_transition(
     events = wire(store, key)
     events[-1]["data"]["reassessment_age_days"] = 9.5
     fold = fold_all(policies, events)
-    row = fold.changes.inserts["transitions"][str(events[-1]["event_id"])]
+    row = fold.changes.inserted("transitions")[str(events[-1]["event_id"])]
     assert row["flag_stale_reassessment"] is True
     assert row["window_days"] == 7
     # The same event judged by a policy version this service does not have: no guessing.
     events[-1]["policy"] = {"id": "asam-3", "version": "1999.1"}
     unknown = fold_all(policies, events)
-    row = unknown.changes.inserts["transitions"][str(events[-1]["event_id"])]
+    row = unknown.changes.inserted("transitions")[str(events[-1]["event_id"])]
     assert row["window_days"] is None
     assert row["flag_stale_reassessment"] is False
     assert row["skipped_levels"] is None
@@ -187,7 +187,7 @@ def test_times_are_utc(env: Any, policies: PolicyRegistry) -> None:
     store, service, _ = env
     key = admit(service)
     fold = fold_all(policies, wire(store, key))
-    stay = next(iter(fold.changes.inserts["stays"].values()))
+    stay = next(iter(fold.changes.inserted("stays").values()))
     assert stay["started_at"] == "2026-01-05T09:00:00Z"  # the event's own UTC text
     assert dt.datetime.fromisoformat(stay["started_at"]) == day(0)
 
@@ -260,8 +260,8 @@ def test_a_deferring_fold_writes_each_stay_and_episode_once_final(
         assert fold.apply(event)
         changes, touched = fold.take(complete=False)
         assert not changes.patches
-        for table, rows in changes.inserts.items():
-            inserted.setdefault(table, []).extend(rows.values())
+        for table in changes.inserts:
+            inserted.setdefault(table, []).extend(changes.inserted(table).values())
         saved.extend(p.version for p in touched)
     assert saved == [len(events)]  # once, after the discharge
     stays = inserted["stays"]
@@ -272,8 +272,8 @@ def test_a_deferring_fold_writes_each_stay_and_episode_once_final(
     assert episode["discharged_at"] == events[-1]["occurred_at"]
     # The same log folded without deferring gives the same final rows.
     plain = fold_all(policies, events)
-    assert list(plain.changes.inserts["stays"].values()) == stays
-    assert list(plain.changes.inserts["episodes"].values()) == [episode]
+    assert list(plain.changes.inserted("stays").values()) == stays
+    assert list(plain.changes.inserted("episodes").values()) == [episode]
 
 
 def test_a_deferring_fold_holds_patients_in_care_until_a_complete_take(
@@ -291,9 +291,9 @@ def test_a_deferring_fold_holds_patients_in_care_until_a_complete_take(
     assert "episodes" not in changes.inserts and changes.deltas  # census deltas go at once
     changes, touched = fold.take(complete=True)
     assert [p.key for p in touched] == [key] and not fold.dirty
-    [open_stay] = changes.inserts["stays"].values()
+    [open_stay] = changes.inserted("stays").values()
     assert open_stay["level"] == "2.1" and open_stay["ended_at"] is None
-    [episode] = changes.inserts["episodes"].values()
+    [episode] = changes.inserted("episodes").values()
     assert episode["discharged_at"] is None
     assert touched[0].pending_stay is None and touched[0].pending_episode is None
 
@@ -310,5 +310,33 @@ def test_a_void_of_a_deferred_admission_writes_the_voided_rows(
     fold.apply(events[1])
     changes, touched = fold.take(complete=False)
     assert [p.key for p in touched] == [key]  # out of care again: saved
-    assert changes.inserts["stays"][str(first.event_id)]["voided"] is True
-    assert changes.inserts["episodes"][str(first.data.episode_id)]["voided"] is True
+    assert changes.inserted("stays")[str(first.event_id)]["voided"] is True
+    assert changes.inserted("episodes")[str(first.data.episode_id)]["voided"] is True
+
+
+def test_inserted_rows_are_kept_as_values_in_the_read_model_tables_column_order() -> None:
+    from continuum_projections.readmodel import ROW_TABLES
+
+    assert set(COLUMNS) == set(ROW_TABLES)
+    for name, table in ROW_TABLES.items():
+        assert COLUMNS[name] == tuple(c.name for c in table.c)
+
+
+def test_a_patch_of_a_row_inserted_in_the_same_batch_changes_its_values() -> None:
+    changes = Changes()
+    row = dict.fromkeys(COLUMNS["episodes"]) | {"episode_id": "e1", "voided": False}
+    changes.insert("episodes", "e1", row)
+    changes.patch("episodes", "e1", {"readmitted_at": "2026-03-01T00:00:00Z", "voided": True})
+    changes.patch("episodes", "e2", {"voided": True})  # written earlier: an UPDATE
+    [values] = changes.inserts["episodes"].values()
+    index = COLUMNS["episodes"].index
+    assert values[index("readmitted_at")] == "2026-03-01T00:00:00Z"
+    assert values[index("voided")] is True and values[index("episode_id")] == "e1"
+    assert changes.inserted("episodes")["e1"] == row | {
+        "readmitted_at": "2026-03-01T00:00:00Z",
+        "voided": True,
+    }
+    assert changes.patches == {"episodes": {"e2": {"voided": True}}}
+    assert changes.rows == 2  # one insert, one patch; a patch of an inserted row is no new row
+    with pytest.raises(KeyError):
+        changes.insert("stays", "s1", {"stay_id": "s1"})  # a row without every column

@@ -452,9 +452,7 @@ def _patient_context(
     for item in timeline.events:
         fold.apply(item.event)
     changes, _ = fold.take()
-    stays_rows = sorted(
-        changes.inserts.get("stays", {}).values(), key=lambda r: str(r["started_at"])
-    )
+    stays_rows = sorted(changes.inserted("stays").values(), key=lambda r: str(r["started_at"]))
     stays = [
         charts.Stay(
             level=r["level"],
@@ -466,9 +464,7 @@ def _patient_context(
         )
         for r in stays_rows
     ]
-    trail = sorted(
-        changes.inserts.get("transitions", {}).values(), key=lambda r: str(r["occurred_at"])
-    )
+    trail = sorted(changes.inserted("transitions").values(), key=lambda r: str(r["occurred_at"]))
     for row in trail:
         row["flags"] = [FLAG_LABELS.get(f, f) for f in FLAGS if row.get(f)]
         row["ratings_map"] = json.loads(row["ratings"]) if row.get("ratings") else {}
