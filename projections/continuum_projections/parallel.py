@@ -93,8 +93,8 @@ def rebuild(
     """Fold every event up to position `until` in `shards` processes; merge their checkpoints
     and build the query indexes once all are done. Each shard writes a batch every
     `flush_every` of its events. Memory adds up across the shards: on the 1M benchmark two
-    shards peaked at about 270 MB each with 50,000-event batches (25,100-28,700 events/s on a
-    noisy host), where one process peaks at about 390 MB (docs/benchmarks.md).
+    shards peaked at 255-273 MB each with 50,000-event batches (25,100-31,000 events/s on a
+    noisy host), where one process peaks at 350-395 MB (docs/benchmarks.md).
 
     The shards keep no census snapshots while they run (their deltas interleave in recorded
     time); the merge cuts them all in one pass (`ReadModel.merge_checkpoints`).
