@@ -619,8 +619,8 @@ SNAPSHOT_LOCK = 0x636F6E74_0002
 
 def _compress_fold_state(conn: Connection) -> None:
     """Compress the patients' fold state (about 2 KB of JSON a row, so PostgreSQL compresses
-    it out of line) with LZ4 where the server has it: its default, pglz, took 3.0 s of the
-    server's time to COPY the 67,000 patients of a million-event rebuild, LZ4 1.7 s."""
+    it out of line) with LZ4 where the server has it: its default, pglz, took 2.5-3.0 s of
+    the server's time to COPY the 67,000 patients of a million-event rebuild, LZ4 1.7 s."""
     offered = conn.exec_driver_sql(
         "SELECT enumvals FROM pg_settings WHERE name = 'default_toast_compression'"
     ).scalar()
@@ -770,8 +770,7 @@ def _write_values(
 
 
 def _getter(columns: Sequence[str]) -> Callable[[Row], tuple[Any, ...]]:
-    """A row's values in `columns` order, as a tuple (taken in C: a list comprehension here
-    was 7% of a rebuild's Python time)."""
+    """A row's values in `columns` order, as a tuple, taken in C."""
     if len(columns) == 1:
         (column,) = columns
         return lambda row: (row[column],)
