@@ -744,23 +744,31 @@ def _for_core(table: Table, row: Row, prefix: str = "") -> Row:
 
 
 def _write(conn: Connection, table: Table, rows: list[Row]) -> None:
-    """Insert rows given as dicts in bulk (`_write_values`)."""
-    if rows:
+    """Insert rows given as dicts in bulk: COPY on PostgreSQL, an executemany elsewhere."""
+    if not rows:
+        return
+    if conn.dialect.name == "postgresql":
         columns = [c for c in rows[0] if c in table.c]
-        _write_values(conn, table, columns, map(_getter(columns), rows))
+        _copy(conn, table, columns, map(_getter(columns), rows))
+    else:
+        conn.execute(insert(table), [_for_core(table, row) for row in rows])
 
 
 def _write_values(
     conn: Connection, table: Table, columns: Sequence[str], rows: Iterable[tuple[Any, ...]]
 ) -> None:
-    """Insert rows given as values in `columns` order: COPY on PostgreSQL (without per-row
-    SQLAlchemy parameter processing; times go as the events' ISO 8601 text, which PostgreSQL
-    parses), an executemany elsewhere."""
-    if conn.dialect.name != "postgresql":
-        params = [_for_core(table, dict(zip(columns, row, strict=True))) for row in rows]
-        if params:
-            conn.execute(insert(table), params)
-        return
+    """Insert rows given as values in `columns` order (as `Changes.inserts` holds them)."""
+    if conn.dialect.name == "postgresql":
+        _copy(conn, table, columns, rows)
+    else:
+        _write(conn, table, [dict(zip(columns, row, strict=True)) for row in rows])
+
+
+def _copy(
+    conn: Connection, table: Table, columns: Sequence[str], rows: Iterable[tuple[Any, ...]]
+) -> None:
+    """PostgreSQL bulk path: COPY, without per-row SQLAlchemy parameter processing (times go
+    as the events' ISO 8601 text, which PostgreSQL parses)."""
     raw = conn.connection.driver_connection
     with raw.cursor() as cursor:  # type: ignore[union-attr]
         sql = f"COPY {table.name} ({', '.join(columns)}) FROM STDIN"
