@@ -14,7 +14,14 @@ from continuum.application.service import PatientService
 from continuum.domain import commands as c
 from continuum.domain.patient import replay
 from continuum.domain.policy import PolicyRegistry
-from continuum_events import AgeGroup, DischargeReason, Disposition, VoidReason, canonical_json
+from continuum_events import (
+    AgeGroup,
+    DischargeReason,
+    Disposition,
+    PatientEvent,
+    VoidReason,
+    canonical_json,
+)
 from continuum_projections.fold import COLUMNS, Changes, ContinuumFold, PatientFold, decode
 from continuum_projections.policyview import PolicyView, PolicyViews
 from tests.support import FixedClock, assessment, day
@@ -44,6 +51,18 @@ def admit(service: PatientService, n: float = 0) -> str:
     return result.stream_id
 
 
+def discharge(service: PatientService, key: str, n: float) -> PatientEvent:
+    """Discharge the patient on day `n`, completed, home; the recorded event."""
+    return service.handle(
+        c.Discharge(
+            patient_key=key,
+            occurred_at=day(n),
+            reason=DischargeReason.COMPLETED,
+            disposition=Disposition.HOME,
+        )
+    ).events[0]
+
+
 def fold_all(policies: PolicyRegistry, events: list[dict[str, Any]]) -> ContinuumFold:
     fold = ContinuumFold(PolicyViews(policies))
     for event in events:
@@ -56,14 +75,7 @@ def test_void_of_a_discharge_reopens_the_stay_and_the_episode(
 ) -> None:
     store, service, _ = env
     key = admit(service)
-    discharged = service.handle(
-        c.Discharge(
-            patient_key=key,
-            occurred_at=day(5),
-            reason=DischargeReason.COMPLETED,
-            disposition=Disposition.HOME,
-        )
-    ).events[0]
+    discharged = discharge(service, key, 5)
     service.handle(
         c.VoidEvent(
             patient_key=key,
@@ -244,14 +256,7 @@ def test_a_deferring_fold_writes_each_stay_and_episode_once_final(
     store, service, _ = env
     key = admit(service)
     _journey(service, key)
-    service.handle(
-        c.Discharge(
-            patient_key=key,
-            occurred_at=day(20),
-            reason=DischargeReason.COMPLETED,
-            disposition=Disposition.HOME,
-        )
-    )
+    discharge(service, key, 20)
     events = wire(store, key)
     fold = ContinuumFold(PolicyViews(policies), defer=True)
     inserted: dict[str, list[dict[str, Any]]] = {}
