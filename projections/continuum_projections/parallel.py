@@ -18,6 +18,7 @@ events about 1.1-1.25 times as fast as one process, with about 1.4 times its mem
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import multiprocessing
 import queue
 import signal
@@ -143,13 +144,16 @@ def rebuild(
     if not all(s.done for s in run.shards):
         return progress  # stopped: the shards' checkpoints stay for the next run
     with open_parts() as (_store, model, _policies):
-        model.merge_checkpoints(
-            [shard_checkpoint(index, shards) for index in range(shards)],
-            STORE_CHECKPOINT,
-            position=until,
-            source=(sharded, source_name(STORE_CHECKPOINT, as_of)),
+        # The merge (which cuts the census snapshots) runs while the query indexes are built.
+        model.finish(
+            alongside=functools.partial(
+                model.merge_checkpoints,
+                [shard_checkpoint(index, shards) for index in range(shards)],
+                STORE_CHECKPOINT,
+                position=until,
+                source=(sharded, source_name(STORE_CHECKPOINT, as_of)),
+            )
         )
-        model.finish()
     if on_progress is not None:
         on_progress(progress)
     return progress

@@ -17,6 +17,7 @@ import datetime as dt
 import itertools
 import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -313,28 +314,63 @@ class ReadModel:
                     f"writes version {SCHEMA_VERSION}. Rebuild it: continuum replay --reset"
                 )
 
-    def finish(self) -> None:
-        """Build any query index not built yet (after a rebuild has caught up)."""
+    def finish(self, alongside: Callable[[], object] | None = None) -> None:
+        """Build any query index not built yet (after a rebuild has caught up).
+
+        On PostgreSQL each table then gets a VACUUM (ANALYZE): statistics for the planner and
+        a visibility map, so that the covering indexes answer without visiting the tables. Two
+        connections share that work (on the million-event benchmark, 2.9 s on one). A parallel
+        rebuild's merge runs as `alongside`, in this thread, meanwhile: the tables it writes
+        (the census snapshots) are vacuumed after it. `alongside` runs whether or not there is
+        anything to build."""
+        missing = self._missing_indexes()
+        if not missing or self.engine.dialect.name != "postgresql":
+            if missing:
+                with self.engine.begin() as conn:
+                    for index in missing:
+                        index.create(conn)
+            if alongside is not None:
+                alongside()
+            return
+        later = {census_snapshots.name, census_boundaries.name, meta.name, checkpoints.name}
+        first = [t for t in metadata.sorted_tables if t.name not in later]
+        # The largest first, so that neither connection is left with a long one at the end.
+        first.sort(key=lambda t: -len([i for i in missing if i.table is t]))
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="read-model-finish") as pool:
+            done = [pool.submit(self._finish_table, t, missing) for t in first]
+            try:
+                if alongside is not None:
+                    alongside()
+            finally:
+                done += [
+                    pool.submit(self._finish_table, t, missing)
+                    for t in metadata.sorted_tables
+                    if t.name in later
+                ]
+                for future in done:
+                    future.result()
+
+    def _missing_indexes(self) -> list[Index]:
         from sqlalchemy import inspect
 
         inspector = inspect(self.engine)
-        missing = [
+        return [
             index
             for table in metadata.sorted_tables
             for index in table.indexes
             if index.name in DEFERRED_INDEXES
             and index.name not in {i["name"] for i in inspector.get_indexes(table.name)}
         ]
-        if missing:
+
+    def _finish_table(self, table: Table, missing: list[Index]) -> None:
+        """Build the table's missing query indexes, then VACUUM (ANALYZE) it (PostgreSQL)."""
+        indexes = [index for index in missing if index.table is table]
+        if indexes:
             with self.engine.begin() as conn:
-                for index in missing:
+                for index in indexes:
                     index.create(conn)
-            if self.engine.dialect.name == "postgresql":
-                # After a bulk build: statistics for the planner and a visibility map, so
-                # that the covering indexes answer without visiting the tables.
-                with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-                    for table in metadata.sorted_tables:
-                        conn.exec_driver_sql(f"VACUUM (ANALYZE) {table.name}")
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql(f"VACUUM (ANALYZE) {table.name}")
 
     def claim(self, source: str) -> None:
         """Record which source feeds this read model; refuse a second, different one (two
@@ -575,11 +611,25 @@ def _snapshot_rows(
 
 def _cut_all_snapshots(conn: Connection) -> None:
     """Cut the census snapshots of a read model whose deltas were written without them (a
-    parallel rebuild's shards), in one pass over the deltas in recorded order: a snapshot
-    after every SNAPSHOT_EVERY deltas, deltas recorded at the same instant together, as
-    `_maintain_snapshots` cuts them as batches come. Any snapshots there are replaced."""
+    parallel rebuild's shards): a snapshot after every SNAPSHOT_EVERY deltas in recorded
+    order, deltas recorded at the same instant together, as `_maintain_snapshots` cuts them
+    as batches come. Any snapshots there are replaced.
+
+    PostgreSQL sums the deltas between boundaries itself (`_cut_in_sql`): on the
+    million-event benchmark's 614,000 deltas that took 1.2-1.3 s, against 1.8-2.1 s for
+    streaming them through Python."""
     conn.execute(delete(census_snapshots))
     conn.execute(delete(census_boundaries))
+    if conn.dialect.name == "postgresql":
+        snapshot_rows, boundary_rows = _cut_in_sql(conn)
+    else:
+        snapshot_rows, boundary_rows = _cut_in_python(conn)
+    _write(conn, census_snapshots, snapshot_rows)
+    _write(conn, census_boundaries, boundary_rows)
+
+
+def _cut_in_python(conn: Connection) -> tuple[list[Row], list[Row]]:
+    """One pass over the deltas in recorded order, adding up the census as it goes."""
     key_cols = [census_deltas.c[k] for k in CENSUS_KEY]
     query = select(census_deltas.c.recorded_at, *key_cols, census_deltas.c.delta).order_by(
         census_deltas.c.recorded_at
@@ -608,8 +658,69 @@ def _cut_all_snapshots(conn: Connection) -> None:
         since += 1
     if current is not None and since >= SNAPSHOT_EVERY:
         cut(current)
-    _write(conn, census_snapshots, snapshot_rows)
-    _write(conn, census_boundaries, boundary_rows)
+    return snapshot_rows, boundary_rows
+
+
+def _cut_in_sql(conn: Connection) -> tuple[list[Row], list[Row]]:
+    """The same snapshots as `_cut_in_python`: the boundaries from the count of deltas per
+    instant, then the server sums the deltas per census key between consecutive boundaries
+    (`width_bucket` finds a delta's boundary in the sorted array) and Python adds those sums
+    up boundary by boundary."""
+    raw = conn.connection.driver_connection
+    with raw.cursor() as cursor:  # type: ignore[union-attr]
+        # Counts only: parsing the 383,000 instants of the benchmark's deltas took 0.4 s.
+        cursor.execute(
+            f"SELECT count(*) FROM {census_deltas.name} GROUP BY recorded_at ORDER BY recorded_at"
+        )
+        counts = [int(n) for (n,) in cursor.fetchall()]
+    ordinals: list[int] = []  # of the instants that end a snapshot, from 1
+    sizes: list[int] = []
+    since = 0
+    for ordinal, n in enumerate(counts, start=1):
+        since += n
+        if since >= SNAPSHOT_EVERY:
+            ordinals.append(ordinal)
+            sizes.append(since)
+            since = 0
+    if not ordinals:
+        return [], []
+    instants = conn.execute(
+        text(
+            "SELECT recorded_at FROM (SELECT recorded_at, row_number() OVER"
+            f" (ORDER BY recorded_at) AS n FROM {census_deltas.name} GROUP BY recorded_at) AS i"
+            " WHERE n = ANY(:ordinals) ORDER BY n"
+        ),
+        {"ordinals": ordinals},
+    ).scalars()
+    boundary_rows: list[Row] = [
+        {"boundary": utc(at), "deltas": n} for at, n in zip(instants, sizes, strict=True)
+    ]
+    bounds = [row["boundary"] for row in boundary_rows]
+    # A delta belongs to the first boundary at or after its time: `width_bucket` counts the
+    # boundaries at or before it, one too many if it falls on a boundary.
+    sums = conn.execute(
+        text(
+            "SELECT CASE WHEN w > 0 AND recorded_at = (CAST(:bounds AS timestamptz[]))[w]"
+            " THEN w ELSE w + 1 END AS bucket, level, site, program, age_group, sum(delta)"
+            " FROM (SELECT width_bucket(recorded_at, CAST(:bounds AS timestamptz[])) AS w,"
+            f" recorded_at, level, site, program, age_group, delta FROM {census_deltas.name})"
+            " AS d WHERE w < :count OR (w = :count AND recorded_at = :last)"
+            " GROUP BY 1, 2, 3, 4, 5 ORDER BY 1"
+        ),
+        {"bounds": bounds, "count": len(bounds), "last": bounds[-1]},
+    )
+    by_bucket: dict[int, list[tuple[tuple[str, str, str, str], int]]] = {}
+    for bucket, level, site, program, age_group, total in sums:
+        by_bucket.setdefault(int(bucket), []).append(
+            ((level, site, program, age_group), int(total))
+        )
+    totals: dict[tuple[str, str, str, str], int] = {}
+    snapshot_rows: list[Row] = []
+    for number, boundary in enumerate(bounds, start=1):
+        for key, n in by_bucket.get(number, []):
+            totals[key] = totals.get(key, 0) + n
+        snapshot_rows.extend(_snapshot_rows(boundary, totals))
+    return snapshot_rows, boundary_rows
 
 
 #: PostgreSQL advisory-lock keys (transaction scope) for writers sharing one read model.

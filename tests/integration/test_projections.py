@@ -343,7 +343,7 @@ def test_fold_census_equals_domain_fold_on_simulated_cohorts(
 
 @pytest.mark.parametrize("flush_every", [97, 1_000])
 def test_census_as_of_equals_a_replay_to_that_moment(
-    sqlite_engine: Engine,
+    engine: Engine,
     policies: PolicyRegistry,
     tmp_path: Any,
     monkeypatch: Any,
@@ -352,7 +352,7 @@ def test_census_as_of_equals_a_replay_to_that_moment(
     """Snapshots every 40 deltas (several per flush with the larger batches); events
     recorded over 120 days; random moments."""
     monkeypatch.setattr(rm, "SNAPSHOT_EVERY", 40)
-    store = SqlEventStore(sqlite_engine)
+    store = SqlEventStore(engine)
 
     class Ticking(FixedClock):
         def __call__(self) -> dt.datetime:
@@ -361,15 +361,15 @@ def test_census_as_of_equals_a_replay_to_that_moment(
 
     clock = Ticking(dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
     simulate_cohort(PatientService(store, policies, clock), patients=40, days=120, seed=5)
-    model = ReadModel(sqlite_engine)
+    model = ReadModel(engine)
     model.create()
     StoreRunner(store, model, policies, flush_every=flush_every).run()
-    with sqlite_engine.connect() as conn:
+    with engine.connect() as conn:
         snapshots = conn.execute(text("SELECT count(*) FROM rm_census_boundaries")).scalar()
         first = conn.execute(text("SELECT min(recorded_at) FROM events")).scalar()
         last = conn.execute(text("SELECT max(recorded_at) FROM events")).scalar()
     assert snapshots and snapshots > 3
-    with sqlite_engine.connect() as conn:
+    with engine.connect() as conn:
         # The current census (latest snapshot plus later deltas) counts the active patients.
         active = conn.execute(
             text(
@@ -397,7 +397,7 @@ def test_census_as_of_equals_a_replay_to_that_moment(
         StoreRunner(store, replayed, policies, as_of=moment).run()
         with target.connect() as conn:
             expected = reports.current_census(conn).counts
-        with sqlite_engine.connect() as conn:
+        with engine.connect() as conn:
             got = reports.census_as_of(conn, moment).counts
         assert got == expected, moment
         target.dispose()
@@ -405,7 +405,7 @@ def test_census_as_of_equals_a_replay_to_that_moment(
     # Cut all at once from the deltas (as a parallel rebuild's merge does), the snapshots
     # are the ones cut batch by batch.
     def snapshots_now() -> list[Any]:
-        with sqlite_engine.connect() as conn:
+        with engine.connect() as conn:
             return [
                 tuple(row)
                 for row in conn.execute(
@@ -418,9 +418,14 @@ def test_census_as_of_equals_a_replay_to_that_moment(
             ]
 
     incremental = snapshots_now()
-    with sqlite_engine.begin() as conn:
-        rm._cut_all_snapshots(conn)
+    with engine.begin() as conn:
+        rm._cut_all_snapshots(conn)  # PostgreSQL: the sums in SQL (`_cut_in_sql`)
     assert snapshots_now() == incremental
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            in_sql, in_python = rm._cut_in_sql(conn), rm._cut_in_python(conn)
+        assert in_sql[1] == in_python[1]
+        assert sorted(in_sql[0], key=repr) == sorted(in_python[0], key=repr)
 
 
 def test_late_recorded_deltas_are_added_to_earlier_snapshots(
@@ -607,6 +612,45 @@ def test_query_indexes_are_built_once_the_first_run_has_caught_up(
     StoreRunner(store, model, policies, flush_every=10).run()
     assert indexes() >= rm.DEFERRED_INDEXES
     model.finish()  # idempotent
+
+
+def test_finishing_runs_a_merge_alongside_and_the_indexes_are_built_even_if_it_fails(
+    engine: Engine, policies: PolicyRegistry
+) -> None:
+    """A parallel rebuild's merge runs while the query indexes are built (`alongside`); it
+    runs whether or not there is anything to build, and its error reaches the caller."""
+    from sqlalchemy import inspect
+
+    def indexes() -> set[str]:
+        inspector = inspect(engine)
+        return {
+            str(i["name"]) for t in inspector.get_table_names() for i in inspector.get_indexes(t)
+        }
+
+    store = SqlEventStore(engine)
+    build_cohort(store, policies)
+    model = ReadModel(engine)
+    model.create()
+
+    class MergeFailed(Exception):
+        pass
+
+    def failing_merge() -> None:
+        raise MergeFailed
+
+    with pytest.raises(MergeFailed):
+        model.finish(alongside=failing_merge)
+    assert indexes() >= rm.DEFERRED_INDEXES  # harmless: the next run keeps them up to date
+    merged: list[str] = []
+    model.finish(alongside=lambda: merged.append("merged"))  # nothing left to build
+    assert merged == ["merged"]
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as conn:  # every table was analyzed (and vacuumed)
+            unanalyzed = conn.exec_driver_sql(
+                "SELECT relname FROM pg_stat_user_tables WHERE schemaname = current_schema()"
+                " AND relname LIKE 'rm_%%' AND last_analyze IS NULL"
+            ).all()
+        assert unanalyzed == []
 
 
 def test_a_batch_is_cut_by_its_row_count_too(
