@@ -39,12 +39,13 @@ events still fire): SQLAlchemy's per-statement work cost more than the statement
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import re
 import sqlite3
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, cast
@@ -282,6 +283,24 @@ _READ_SHARD_BODIES_PG = text(
     """
 )
 _NULL_POSITION = '"position":null'
+
+
+@contextlib.contextmanager
+def _one_backend(conn: Connection) -> Iterator[None]:
+    """Read a rebuild's page of the log without parallel workers (PostgreSQL). A page is a few
+    thousand index probes, and PostgreSQL plans parallel workers for it that, on the 2-core
+    benchmark machine, cost about three times the CPU of one backend (a page of 5,000: 14 ms
+    alone, 25 ms in each of three processes): reading the million-event log took 8.4-10.2 s
+    of the machine's CPU with them, 5.0-5.2 s without. (The relay's pages of 1,000 are
+    planned without workers.) Reads run in autocommit, so SET and RESET."""
+    if conn.dialect.name != "postgresql":
+        yield
+        return
+    conn.exec_driver_sql("SET max_parallel_workers_per_gather = 0")
+    try:
+        yield
+    finally:
+        conn.exec_driver_sql("RESET max_parallel_workers_per_gather")
 
 
 def _splice_position(body: str, position: int) -> bytes:
@@ -769,15 +788,8 @@ class SqlEventStore(EventStore):
                 # on the rebuild's one Python thread.
                 raw = cast("psycopg.Connection[Any]", conn.connection.driver_connection)
                 sql = _psycopg_params(str(statement))
-                # A page is a few thousand index probes: PostgreSQL plans parallel workers
-                # for it, which on the 2-core benchmark machine cost about three times the
-                # CPU of one backend (a page of 5,000: 14 ms alone, 25 ms in each of three
-                # processes). The connection is in autocommit, so SET and RESET.
-                raw.execute("SET max_parallel_workers_per_gather = 0")
-                try:
+                with _one_backend(conn):
                     rows = raw.execute(sql, params, prepare=True).fetchall()
-                finally:
-                    raw.execute("RESET max_parallel_workers_per_gather")
         return None if any(body is None for _, _, body in rows) else rows
 
     def find_idempotent(self, key: str, request_hash: str | None = None) -> AppendResult | None:
