@@ -592,25 +592,24 @@ def test_a_run_that_folds_nothing_still_moves_its_state_checkpoint(
     assert StoreRunner(store, model, policies, as_of=T0 - dt.timedelta(days=1)).run().refolded == 0
 
 
+def _index_names(engine: Engine) -> set[str]:
+    from sqlalchemy import inspect
+
+    inspector = inspect(engine)
+    return {str(i["name"]) for t in inspector.get_table_names() for i in inspector.get_indexes(t)}
+
+
 def test_query_indexes_are_built_once_the_first_run_has_caught_up(
     engine: Engine, policies: PolicyRegistry
 ) -> None:
-    from sqlalchemy import inspect
-
-    def indexes() -> set[str]:
-        inspector = inspect(engine)
-        return {
-            str(i["name"]) for t in inspector.get_table_names() for i in inspector.get_indexes(t)
-        }
-
     store = SqlEventStore(engine)
     build_cohort(store, policies)
     model = ReadModel(engine)
     model.create()
-    assert not (rm.DEFERRED_INDEXES & indexes())
-    assert "ix_rm_census_deltas_recorded_at" in indexes()  # the writer needs this one
+    assert not (rm.DEFERRED_INDEXES & _index_names(engine))
+    assert "ix_rm_census_deltas_recorded_at" in _index_names(engine)  # the writer needs this one
     StoreRunner(store, model, policies, flush_every=10).run()
-    assert indexes() >= rm.DEFERRED_INDEXES
+    assert _index_names(engine) >= rm.DEFERRED_INDEXES
     model.finish()  # idempotent
 
 
@@ -619,14 +618,6 @@ def test_finishing_runs_a_merge_alongside_and_the_indexes_are_built_even_if_it_f
 ) -> None:
     """A parallel rebuild's merge runs while the query indexes are built (`alongside`); it
     runs whether or not there is anything to build, and its error reaches the caller."""
-    from sqlalchemy import inspect
-
-    def indexes() -> set[str]:
-        inspector = inspect(engine)
-        return {
-            str(i["name"]) for t in inspector.get_table_names() for i in inspector.get_indexes(t)
-        }
-
     store = SqlEventStore(engine)
     build_cohort(store, policies)
     model = ReadModel(engine)
@@ -640,7 +631,8 @@ def test_finishing_runs_a_merge_alongside_and_the_indexes_are_built_even_if_it_f
 
     with pytest.raises(MergeFailed):
         model.finish(alongside=failing_merge)
-    assert indexes() >= rm.DEFERRED_INDEXES  # harmless: the next run keeps them up to date
+    # Harmless: the next run keeps them up to date.
+    assert _index_names(engine) >= rm.DEFERRED_INDEXES
     merged: list[str] = []
     model.finish(alongside=lambda: merged.append("merged"))  # nothing left to build
     assert merged == ["merged"]
