@@ -1257,16 +1257,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         runs.append(ours)
         parallel_schema = None
+        parallel: Run | None = None
         if args.shards > 1:
             parallel_schema = f"bench_rmpar_{run_id}"
             create_schema(pg, parallel_schema)
             created.append(parallel_schema)
             say(f"rebuilding in {args.shards} processes into {parallel_schema}")
-            runs.append(
-                rebuild_parallel(
-                    pg.url, source, parallel_schema, args.shards, n_events, args.shard_batch
-                )
+            parallel = rebuild_parallel(
+                pg.url, source, parallel_schema, args.shards, n_events, args.shard_batch
             )
+            runs.append(parallel)
         if args.sqlite:
             path = str(Path(scratch.name) / "readmodel.sqlite3")
             say(f"rebuilding our read models into SQLite {path}")
@@ -1446,6 +1446,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
         ("as-of < 200 ms", worst < TARGETS["as_of_ms"], f"max {worst:,.1f} ms"),
     ]
+    if parallel is not None:  # the same targets for `replay --workers N`, its memory summed
+        verdicts[2:2] = [
+            (
+                f"rebuild >= 50,000 events/s, {args.shards} processes",
+                parallel["rate"] >= TARGETS["events_per_s"],
+                f"{parallel['rate']:,.0f}/s "
+                f"({parallel['rate'] / TARGETS['events_per_s']:.0%} of target)",
+            ),
+            (
+                f"peak RSS < 500 MB, {args.shards} processes together",
+                parallel["baseline_rss_mb"] < TARGETS["peak_rss_mb"],
+                f"{parallel['baseline_rss_mb']:,.0f} MB; "
+                f"{parallel['peak_rss_mb']:,.0f} MB the largest",
+            ),
+        ]
     for name, met, figure in verdicts:
         print(f"target {name}: {'met' if met else 'MISSED'} ({figure})")
     print(f"load average at the end: {loadavg()}")
