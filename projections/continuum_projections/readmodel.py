@@ -46,6 +46,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.schema import CreateTable
+from sqlalchemy.types import TypeEngine
 
 from continuum.domain.errors import StoreNotReady
 from continuum_projections.fold import COLUMNS, Changes, PatientFold, Row
@@ -55,6 +56,17 @@ SCHEMA_VERSION = "1"
 SNAPSHOT_EVERY = 2_000
 
 metadata = MetaData()
+
+
+def _ident(length: int) -> TypeEngine[str]:
+    """An identifier column (an event's, a stay's, an episode's id; a patient key): on
+    PostgreSQL compared byte by byte (`COLLATE "C"`; the same order for these ASCII values).
+    The database's default collation (C.UTF-8 here) compares through the C library, and sorts
+    without abbreviated keys: building the index on the transitions' patient keys after a
+    million-event rebuild took 471 ms with it, 260 ms with "C" (inserting the rows took the
+    same time either way)."""
+    return String(length).with_variant(String(length, collation="C"), "postgresql")
+
 
 meta = Table(
     "rm_meta",
@@ -86,14 +98,14 @@ checkpoints = Table(
 patients = Table(
     "rm_patients",
     metadata,
-    Column("patient_key", String(64), primary_key=True),
+    Column("patient_key", _ident(64), primary_key=True),
     Column("state", String(24), nullable=False),
     Column("active", Boolean, nullable=False),
     Column("level", String(24)),
     Column("site", String(64)),
     Column("program", String(64)),
     Column("age_group", String(16)),
-    Column("episode_id", String(36)),
+    Column("episode_id", _ident(36)),
     Column("placed_at", DateTime(timezone=True)),
     Column("last_assessed_at", DateTime(timezone=True)),
     Column("version", Integer, nullable=False),
@@ -105,9 +117,9 @@ patients = Table(
 stays = Table(
     "rm_stays",
     metadata,
-    Column("stay_id", String(36), primary_key=True),
-    Column("patient_key", String(64), nullable=False, index=True),
-    Column("episode_id", String(36), nullable=False),
+    Column("stay_id", _ident(36), primary_key=True),
+    Column("patient_key", _ident(64), nullable=False, index=True),
+    Column("episode_id", _ident(36), nullable=False),
     Column("level", String(24), nullable=False),
     Column("site", String(64), nullable=False),
     Column("program", String(64)),
@@ -117,7 +129,7 @@ stays = Table(
     Column("started_recorded_at", DateTime(timezone=True), nullable=False),
     Column("ended_at", DateTime(timezone=True), index=True),
     Column("ended_recorded_at", DateTime(timezone=True)),
-    Column("end_event_id", String(36)),
+    Column("end_event_id", _ident(36)),
     Column("end_kind", String(16)),
     Column("next_level", String(24)),
     Column("voided", Boolean, nullable=False),
@@ -132,26 +144,26 @@ stays = Table(
 episodes = Table(
     "rm_episodes",
     metadata,
-    Column("episode_id", String(36), primary_key=True),
-    Column("patient_key", String(64), nullable=False, index=True),
+    Column("episode_id", _ident(36), primary_key=True),
+    Column("patient_key", _ident(64), nullable=False, index=True),
     Column("episode_number", Integer, nullable=False),
     Column("age_group", String(16), nullable=False),
     Column("admitted_at", DateTime(timezone=True), nullable=False),
     Column("admitted_recorded_at", DateTime(timezone=True), nullable=False),
-    Column("admission_event_id", String(36), nullable=False),
+    Column("admission_event_id", _ident(36), nullable=False),
     Column("entry_level", String(24), nullable=False),
     Column("entry_site", String(64), nullable=False),
-    Column("previous_episode_id", String(36)),
+    Column("previous_episode_id", _ident(36)),
     Column("days_since_previous_discharge", Float),
     Column("policy_id", String(32)),
     Column("policy_version", String(32)),
     Column("discharged_at", DateTime(timezone=True), index=True),
-    Column("discharge_event_id", String(36)),
+    Column("discharge_event_id", _ident(36)),
     Column("discharge_level", String(24)),
     Column("discharge_reason", String(24)),
     Column("discharge_disposition", String(16)),
     Column("readmitted_at", DateTime(timezone=True)),
-    Column("readmission_episode_id", String(36)),
+    Column("readmission_episode_id", _ident(36)),
     Column("readmitted_within_30d", Boolean, nullable=False),
     Column("voided", Boolean, nullable=False),
 )
@@ -159,9 +171,9 @@ episodes = Table(
 transitions = Table(
     "rm_transitions",
     metadata,
-    Column("event_id", String(36), primary_key=True),
-    Column("patient_key", String(64), nullable=False, index=True),
-    Column("episode_id", String(36), nullable=False),
+    Column("event_id", _ident(36), primary_key=True),
+    Column("patient_key", _ident(64), nullable=False, index=True),
+    Column("episode_id", _ident(36), nullable=False),
     Column("position", BigInteger),
     Column("kind", String(16), nullable=False),
     Column("direction", String(16), nullable=False),
@@ -171,7 +183,7 @@ transitions = Table(
     Column("to_site", String(64), nullable=False),
     Column("occurred_at", DateTime(timezone=True), nullable=False, index=True),
     Column("recorded_at", DateTime(timezone=True), nullable=False),
-    Column("reassessment_event_id", String(36), nullable=False),
+    Column("reassessment_event_id", _ident(36), nullable=False),
     Column("reassessment_at", DateTime(timezone=True), nullable=False),
     Column("reassessment_age_days", Float, nullable=False),
     Column("ratings", Text, nullable=False),
@@ -195,7 +207,7 @@ transitions = Table(
     Column("days_since_discharge", Float),
     Column("flag_readmission_30d", Boolean, nullable=False),
     Column("voided", Boolean, nullable=False),
-    Column("voided_by", String(36)),
+    Column("voided_by", _ident(36)),
     Column("voided_at", DateTime(timezone=True)),
 )
 

@@ -667,6 +667,34 @@ def test_a_batch_is_cut_by_its_row_count_too(
 
 
 @pytest.mark.postgres
+@pytest.mark.postgres
+def test_identifier_columns_compare_byte_by_byte_on_postgresql(pg_engine: Engine) -> None:
+    """Event, stay and episode ids and patient keys in the row tables: COLLATE "C"."""
+    ReadModel(pg_engine).create()
+    with pg_engine.connect() as conn:
+        byte_by_byte = {
+            (row[0], row[1])
+            for row in conn.execute(
+                text(
+                    "SELECT table_name, column_name FROM information_schema.columns"
+                    " WHERE table_schema = current_schema() AND collation_name = 'C'"
+                )
+            )
+        }
+    ids = {
+        "rm_patients": {"patient_key", "episode_id"},
+        "rm_stays": {"stay_id", "patient_key", "episode_id", "end_event_id"},
+        "rm_episodes": {
+            "episode_id", "patient_key", "admission_event_id", "previous_episode_id",
+            "discharge_event_id", "readmission_episode_id",
+        },
+        "rm_transitions": {
+            "event_id", "patient_key", "episode_id", "reassessment_event_id", "voided_by"
+        },
+    }  # fmt: skip
+    assert byte_by_byte == {(table, column) for table, names in ids.items() for column in names}
+
+
 def test_the_fold_state_is_compressed_with_lz4_where_the_server_offers_it(
     pg_engine: Engine,
 ) -> None:
