@@ -695,6 +695,40 @@ def test_identifier_columns_compare_byte_by_byte_on_postgresql(pg_engine: Engine
     assert byte_by_byte == {(table, column) for table, names in ids.items() for column in names}
 
 
+@pytest.mark.postgres
+def test_a_read_model_made_before_its_identifiers_were_byte_by_byte_is_still_written(
+    pg_engine: Engine, policies: PolicyRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its key columns keep the database's default collation (no schema version change asks
+    for a rebuild): the writer's temporary tables (every patch goes through one here) have
+    "C" keys, and PostgreSQL compares a default-collation key with them in "C"."""
+    monkeypatch.setattr(rm, "BULK_UPDATE_FROM", 1)
+    model = ReadModel(pg_engine)
+    model.create()
+    with pg_engine.begin() as conn:
+        for table in rm.metadata.sorted_tables:
+            for column in table.c:
+                if getattr(column.type, "collation", None) is None and column.name in {
+                    "patient_key", "stay_id", "episode_id", "event_id", "end_event_id",
+                    "admission_event_id", "previous_episode_id", "discharge_event_id",
+                    "readmission_episode_id", "reassessment_event_id", "voided_by",
+                }:  # fmt: skip
+                    length = column.type.length  # type: ignore[attr-defined]
+                    conn.exec_driver_sql(
+                        f"ALTER TABLE {table.name} ALTER COLUMN {column.name}"
+                        f' TYPE varchar({length}) COLLATE "default"'
+                    )
+        left = conn.exec_driver_sql(
+            "SELECT count(*) FROM information_schema.columns"
+            " WHERE table_schema = current_schema() AND collation_name = 'C'"
+        ).scalar()
+    assert left == 0
+    store = SqlEventStore(pg_engine)
+    build_cohort(store, policies)
+    StoreRunner(store, model, policies, flush_every=3).run()
+    _assert_equals_a_clean_rebuild(store, pg_engine, policies)
+
+
 def test_the_fold_state_is_compressed_with_lz4_where_the_server_offers_it(
     pg_engine: Engine,
 ) -> None:
