@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 
 from continuum.adapters.sql.store import SqlEventStore
 from continuum.application.service import PatientService
@@ -666,21 +666,21 @@ def test_a_batch_is_cut_by_its_row_count_too(
     assert diff_read_models(clean, sqlite_engine) == []
 
 
-@pytest.mark.postgres
+def _byte_by_byte_columns(conn: Connection) -> dict[tuple[str, str], int]:
+    """(table, column) -> length of this schema's COLLATE "C" columns (PostgreSQL)."""
+    rows = conn.exec_driver_sql(
+        "SELECT table_name, column_name, character_maximum_length FROM information_schema.columns"
+        " WHERE table_schema = current_schema() AND collation_name = 'C'"
+    )
+    return {(row[0], row[1]): int(row[2]) for row in rows}
+
+
 @pytest.mark.postgres
 def test_identifier_columns_compare_byte_by_byte_on_postgresql(pg_engine: Engine) -> None:
     """Event, stay and episode ids and patient keys in the row tables: COLLATE "C"."""
     ReadModel(pg_engine).create()
     with pg_engine.connect() as conn:
-        byte_by_byte = {
-            (row[0], row[1])
-            for row in conn.execute(
-                text(
-                    "SELECT table_name, column_name FROM information_schema.columns"
-                    " WHERE table_schema = current_schema() AND collation_name = 'C'"
-                )
-            )
-        }
+        byte_by_byte = set(_byte_by_byte_columns(conn))
     ids = {
         "rm_patients": {"patient_key", "episode_id"},
         "rm_stays": {"stay_id", "patient_key", "episode_id", "end_event_id"},
@@ -706,23 +706,14 @@ def test_a_read_model_made_before_its_identifiers_were_byte_by_byte_is_still_wri
     model = ReadModel(pg_engine)
     model.create()
     with pg_engine.begin() as conn:
-        for table in rm.metadata.sorted_tables:
-            for column in table.c:
-                if getattr(column.type, "collation", None) is None and column.name in {
-                    "patient_key", "stay_id", "episode_id", "event_id", "end_event_id",
-                    "admission_event_id", "previous_episode_id", "discharge_event_id",
-                    "readmission_episode_id", "reassessment_event_id", "voided_by",
-                }:  # fmt: skip
-                    length = column.type.length  # type: ignore[attr-defined]
-                    conn.exec_driver_sql(
-                        f"ALTER TABLE {table.name} ALTER COLUMN {column.name}"
-                        f' TYPE varchar({length}) COLLATE "default"'
-                    )
-        left = conn.exec_driver_sql(
-            "SELECT count(*) FROM information_schema.columns"
-            " WHERE table_schema = current_schema() AND collation_name = 'C'"
-        ).scalar()
-    assert left == 0
+        identifiers = _byte_by_byte_columns(conn)
+        assert identifiers
+        for (table, column), length in identifiers.items():
+            conn.exec_driver_sql(
+                f"ALTER TABLE {table} ALTER COLUMN {column}"
+                f' TYPE varchar({length}) COLLATE "default"'
+            )
+        assert _byte_by_byte_columns(conn) == {}
     store = SqlEventStore(pg_engine)
     build_cohort(store, policies)
     StoreRunner(store, model, policies, flush_every=3).run()
