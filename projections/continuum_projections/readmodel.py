@@ -346,7 +346,8 @@ class ReadModel:
             return
         later = {census_snapshots.name, census_boundaries.name, meta.name, checkpoints.name}
         first = [t for t in metadata.sorted_tables if t.name not in later]
-        # The largest first, so that neither connection is left with a long one at the end.
+        # Those with the most indexes to build first, so that neither connection is left
+        # with a long one at the end.
         first.sort(key=lambda t: -len([i for i in missing if i.table is t]))
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="read-model-finish") as pool:
             done = [pool.submit(self._finish_table, t, missing) for t in first]
