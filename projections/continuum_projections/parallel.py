@@ -111,6 +111,7 @@ def rebuild(
     sharded = source_name(sharded_source(shards), as_of)
     with open_parts() as (_store, model, _policies):
         model.claim(sharded)  # refuses a read model fed otherwise, before any process starts
+        model.shed_upkeep_indexes()  # the shards keep no snapshots; finish() builds them
     context = multiprocessing.get_context("spawn")
     messages: Any = context.Queue()
     halt = context.Event()

@@ -86,6 +86,16 @@ def _target(
         yield target, functools.partial(_open, pg_url, _schema(log), _schema(target), fail_in_shard)
 
 
+def _index_names(engine: Engine) -> set[str]:
+    with engine.connect() as conn:
+        return {
+            row[0]
+            for row in conn.exec_driver_sql(
+                "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()"
+            )
+        }
+
+
 def _census_at_moments(engine: Engine) -> list[dict[tuple[str, str, str, str], int]]:
     with engine.connect() as conn:
         first, last = conn.execute(
@@ -143,14 +153,8 @@ def test_two_shards_build_exactly_the_one_process_read_model(
         built = ReadModel(target)
         _assert_same(reference, built, head)
         assert _assert_snapshots_hold(target, 10) >= 5
-        with target.connect() as conn:  # the query indexes were built once, after the shards
-            indexes = {
-                row[0]
-                for row in conn.exec_driver_sql(
-                    "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()"
-                )
-            }
-        assert set(rm.DEFERRED_INDEXES) <= indexes
+        # The query indexes, and the snapshot upkeep's, were built once, after the shards.
+        assert _index_names(target) >= rm.DEFERRED_INDEXES | rm.UPKEEP_INDEXES
 
         # The ordinary runner goes on from the merged checkpoint.
         policies = PolicyRegistry.bundled()
@@ -188,8 +192,12 @@ def test_a_stopped_rebuild_is_refused_by_the_ordinary_runner_and_goes_on_when_ru
                 source=(f"store in {SHARDS} shards", "store"),
             )
 
+        # The shards keep no snapshots: the index only their upkeep reads is not there yet.
+        assert rm.UPKEEP_INDEXES and not rm.UPKEEP_INDEXES & _index_names(target)
+
         rebuild(opener, SHARDS, until=head)
         _assert_same(reference, built, head)
+        assert _index_names(target) >= rm.UPKEEP_INDEXES
 
 
 def test_a_failed_shard_stops_the_others_and_is_named(

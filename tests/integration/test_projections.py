@@ -720,6 +720,35 @@ def test_a_read_model_made_before_its_identifiers_were_byte_by_byte_is_still_wri
     _assert_equals_a_clean_rebuild(store, pg_engine, policies)
 
 
+def test_a_read_model_whose_census_deltas_have_a_surrogate_key_is_still_written(
+    engine: Engine, policies: PolicyRegistry
+) -> None:
+    """Read models made before the census deltas lost their unused `delta_id` key."""
+    model = ReadModel(engine)
+    model.create()
+    postgres = engine.dialect.name == "postgresql"
+    key, time = ("BIGSERIAL", "TIMESTAMP WITH TIME ZONE") if postgres else ("INTEGER", "DATETIME")
+    with engine.begin() as conn:  # the table as it was made then
+        conn.exec_driver_sql("DROP TABLE rm_census_deltas")
+        conn.exec_driver_sql(
+            f"CREATE TABLE rm_census_deltas (delta_id {key} PRIMARY KEY,"
+            f" event_id VARCHAR(36) NOT NULL, position BIGINT, recorded_at {time} NOT NULL,"
+            " level VARCHAR(24) NOT NULL, site VARCHAR(64) NOT NULL,"
+            " program VARCHAR(64) NOT NULL, age_group VARCHAR(16) NOT NULL,"
+            " delta INTEGER NOT NULL)"
+        )
+        conn.exec_driver_sql(
+            "CREATE INDEX ix_rm_census_deltas_recorded_at ON rm_census_deltas (recorded_at)"
+        )
+    store = SqlEventStore(engine)
+    build_cohort(store, policies)
+    StoreRunner(store, model, policies, flush_every=3).run()
+    _assert_equals_a_clean_rebuild(store, engine, policies)
+    with engine.connect() as conn:
+        ids = conn.exec_driver_sql("SELECT delta_id FROM rm_census_deltas").scalars().all()
+    assert ids and len(set(ids)) == len(ids)
+
+
 def test_the_fold_state_is_compressed_with_lz4_where_the_server_offers_it(
     pg_engine: Engine,
 ) -> None:
