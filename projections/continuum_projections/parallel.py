@@ -49,6 +49,13 @@ from continuum_projections.runners import (
 Opener = Callable[[], AbstractContextManager[tuple[EventStore, ReadModel, PolicyRegistry]]]
 
 
+#: Events per batch in each shard. Memory adds up across the shards: on the 1M benchmark two
+#: shards peaked at 238-243 MB each with 35,000-event batches (under 500 MB together) and at
+#: 256-257 MB with 50,000, at the same rate within the host's noise (four pairs of runs:
+#: 35,000 and 35,200 events/s on average). A one-process rebuild peaks at 350-395 MB.
+SHARD_BATCH = 35_000
+
+
 class ShardFailed(ReadModelError):
     """A shard of a parallel rebuild failed; the others were stopped."""
 
@@ -89,16 +96,13 @@ def rebuild(
     on_progress: ProgressFn | None = None,
     stop: threading.Event | None = None,
     poll_s: float = 0.2,
-    flush_every: int = 50_000,
+    flush_every: int = SHARD_BATCH,
     page: int = 5_000,
 ) -> Progress:
     """Fold every event up to position `until` in `shards` processes; once all are done,
     merge their checkpoints while the query indexes are built. Each shard writes a batch every
-    `flush_every` of its events. Memory adds up across the shards: on the 1M benchmark two
-    shards peaked at 255-273 MB each with 50,000-event batches (25,100-31,000 events/s on a
-    noisy host; 41,800-42,050 after the log was read without parallel workers and the merge
-    ran alongside the index builds), where one process peaks at 350-395 MB
-    (docs/benchmarks.md).
+    `flush_every` of its events (`SHARD_BATCH`: memory adds up across the shards;
+    docs/benchmarks.md has the figures).
 
     The shards keep no census snapshots while they run (their deltas interleave in recorded
     time); the merge cuts them all in one pass (`ReadModel.merge_checkpoints`). A merge that

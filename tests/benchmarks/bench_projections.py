@@ -104,6 +104,7 @@ from continuum.domain import commands as c
 from continuum.domain.policy import PolicyRegistry
 from continuum.simulation.cohort import simulate_cohort
 from continuum_events import EVENT_TYPES, canonical_json, parse_event, wire
+from continuum_projections.parallel import SHARD_BATCH
 from tests.support import open_rebuild_parts
 
 DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/continuum_test"
@@ -1192,9 +1193,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--shard-batch",
         type=int,
-        default=50_000,
-        help="events per batch in each shard of the parallel run (default 50,000, as the "
-        "one-process run)",
+        default=SHARD_BATCH,
+        help=f"events per batch in each shard of the parallel run (default {SHARD_BATCH:,}, "
+        "as `replay --workers`)",
     )
     parser.add_argument(
         "--es-per-event-events",
