@@ -16,10 +16,10 @@ import bisect
 import datetime as dt
 import itertools
 import operator
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     BigInteger,
@@ -601,25 +601,20 @@ class ReadModel:
         _serialize(conn, SNAPSHOT_LOCK)
         times = [_time(d["recorded_at"]) for d in deltas]
         last = utc(conn.execute(select(func.max(census_boundaries.c.boundary))).scalar())
-        since = select(func.count()).select_from(census_deltas)
+        after_last = select(func.count()).select_from(census_deltas)
         if last is not None:
-            since = since.where(census_deltas.c.recorded_at > last)
+            after_last = after_last.where(census_deltas.c.recorded_at > last)
         fresh = sorted(t for t in times if last is None or t > last)
         # Deltas after the last boundary, not counting this batch's (already inserted).
-        pending = int(conn.execute(since).scalar() or 0) - len(fresh)
+        pending = int(conn.execute(after_last).scalar() or 0) - len(fresh)
         if last is not None:
             late = [(t, d) for d, t in zip(deltas, times, strict=True) if t <= last]
             if late:
                 _add_to_snapshots(conn, late)
-        taken = 0  # fresh deltas inside a snapshot cut in this flush
-        i = max(0, SNAPSHOT_EVERY - pending - 1)
-        while i < len(fresh):
-            boundary = fresh[i]
-            while i + 1 < len(fresh) and fresh[i + 1] == boundary:
-                i += 1  # deltas recorded at the same instant go together
-            self._cut_snapshot(conn, boundary, last, pending + i + 1 - taken)
-            last, pending, taken = boundary, 0, i + 1
-            i += SNAPSHOT_EVERY
+        per_instant = ((t, len(list(same))) for t, same in itertools.groupby(fresh))
+        for boundary, since in _snapshot_cuts(per_instant, since=pending):
+            self._cut_snapshot(conn, boundary, last, since)
+            last = boundary
 
     def _cut_snapshot(
         self, conn: Connection, boundary: dt.datetime, previous: dt.datetime | None, deltas: int
@@ -666,47 +661,47 @@ def _cut_in_python(conn: Connection) -> tuple[list[Row], list[Row]]:
         census_deltas.c.recorded_at
     )
     totals: dict[tuple[str, str, str, str], int] = {}
-    since = 0  # deltas after the last boundary
-    current: dt.datetime | None = None
+    rows: Any = conn.execution_options(stream_results=True, yield_per=20_000).execute(query)
+
+    def per_instant() -> Iterator[tuple[dt.datetime, int]]:
+        """Adds each instant's deltas to `totals` before handing on their count."""
+        for stored, deltas in itertools.groupby(rows, key=operator.itemgetter(0)):
+            n = 0
+            for _, level, site, program, age_group, delta in deltas:
+                key = (level, site, program, age_group)
+                totals[key] = totals.get(key, 0) + int(delta)
+                n += 1
+            yield _time(stored), n
+
     snapshot_rows: list[Row] = []
     boundary_rows: list[Row] = []
-
-    def cut(boundary: dt.datetime) -> None:
-        nonlocal since
+    for boundary, since in _snapshot_cuts(per_instant()):
         snapshot_rows.extend(_snapshot_rows(boundary, totals))
         boundary_rows.append({"boundary": boundary, "deltas": since})
-        since = 0
-
-    rows: Any = conn.execution_options(stream_results=True, yield_per=20_000).execute(query)
-    for stored, level, site, program, age_group, delta in rows:
-        recorded = utc(stored)
-        if recorded != current:
-            if current is not None and since >= SNAPSHOT_EVERY:
-                cut(current)  # the deltas of one instant go together
-            current = recorded
-        key = (level, site, program, age_group)
-        totals[key] = totals.get(key, 0) + int(delta)
-        since += 1
-    if current is not None and since >= SNAPSHOT_EVERY:
-        cut(current)
     return snapshot_rows, boundary_rows
 
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_Instant = TypeVar("_Instant")
 
 
-def _snapshot_cuts(per_instant: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Of (instant, deltas recorded at it) in recorded order, the instants that end a
-    snapshot, each with the number of deltas since the one before: a snapshot is cut as soon
-    as SNAPSHOT_EVERY deltas have come since the last, after the last delta of an instant."""
-    cuts: list[tuple[int, int]] = []
-    since = 0
+def _snapshot_cuts(
+    per_instant: Iterable[tuple[_Instant, int]], since: int = 0
+) -> Iterator[tuple[_Instant, int]]:
+    """The one rule for where census snapshots are cut, wherever they are cut (as batches come,
+    `_maintain_snapshots`; all at once, `_cut_in_python` and `_cut_in_sql`): a snapshot is cut
+    as soon as SNAPSHOT_EVERY deltas have come since the last, after the last delta of an
+    instant (deltas recorded at the same instant go together).
+
+    Of (instant, deltas recorded at it) in recorded order, yields the instants that end a
+    snapshot, each with the number of deltas since the one before (`since` of them came
+    before the first instant). Lazy: when it yields an instant, it has taken nothing after it
+    from `per_instant`."""
     for instant, n in per_instant:
         since += n
         if since >= SNAPSHOT_EVERY:
-            cuts.append((instant, since))
+            yield instant, since
             since = 0
-    return cuts
 
 
 def _cut_in_sql(conn: Connection) -> tuple[list[Row], list[Row]]:
@@ -725,7 +720,7 @@ def _cut_in_sql(conn: Connection) -> tuple[list[Row], list[Row]]:
             f" FROM {census_deltas.name} GROUP BY recorded_at ORDER BY recorded_at"
         )
         per_instant: list[tuple[int, int]] = cursor.fetchall()
-    cuts = _snapshot_cuts(per_instant)
+    cuts = list(_snapshot_cuts(per_instant))
     if not cuts:
         return [], []
     boundary_rows: list[Row] = [
