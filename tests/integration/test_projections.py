@@ -20,12 +20,13 @@ hour after its clinical time):
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import random
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine, select, text
 
 from continuum.adapters.sql.store import SqlEventStore
 from continuum.application.service import PatientService
@@ -770,3 +771,47 @@ def test_the_fold_state_keeps_the_servers_default_compression_without_lz4() -> N
     assert rm.toast_compression(["pglz", "lz4"]) == "lz4"
     assert rm.toast_compression(["pglz"]) is None  # a server built without LZ4
     assert rm.toast_compression(None) is None  # PostgreSQL 13 or older: no such setting
+
+
+def test_a_copied_value_of_another_type_than_its_column_is_written_all_the_same(
+    pg_engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """COPY formats each column by its SQL type; a value that does not fit (the fold makes
+    none) sends the COPY back to a savepoint and again with a formatter per value: every row
+    of the batch is written once, with what was written before it in the transaction."""
+    ReadModel(pg_engine).create()
+    d = rm.census_deltas
+    row = {
+        "event_id": "e-1",
+        "position": 1,
+        "recorded_at": "2025-01-01T00:00:00+00:00",
+        "level": "3.5",
+        "site": "site-a",
+        "program": "",
+        "age_group": "adult",
+        "delta": 1,
+    }
+    odd = {**row, "event_id": "e-3", "level": 4, "position": 3}  # an int in a text column
+    with (
+        caplog.at_level(logging.WARNING, logger="continuum.projections"),
+        pg_engine.begin() as conn,
+    ):
+        rm._write(conn, d, [row])
+        rm._write(conn, d, [{**row, "event_id": "e-2", "position": 2}, odd])
+    assert "COPY rm_census_deltas: a value of another type" in caplog.text
+    with pg_engine.connect() as conn:
+        written = conn.execute(select(d.c.event_id, d.c.level).order_by(d.c.position)).all()
+    assert written == [("e-1", "3.5"), ("e-2", "3.5"), ("e-3", "4")]
+
+
+def test_copy_formats_follow_the_columns_sql_types_and_time_values() -> None:
+    t = rm.transitions.c
+    moment = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
+    types = [t.event_id.type, t.position.type, t.hours_scheduled.type, t.voided.type]
+    assert rm._copy_formats(types, ["e", 1, 2.5, False]) == ["text", "int8", "float8", "bool"]
+    times = [t.occurred_at.type, t.voided_at.type, rm.census_boundaries.c.boundary.type]
+    assert rm._copy_formats(times, ["2025-01-01T00:00:00Z", None, moment]) == [
+        "text",
+        "text",
+        "timestamptz",
+    ]
