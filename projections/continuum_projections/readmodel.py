@@ -78,6 +78,9 @@ meta = Table(
     Column("value", Text, nullable=False),
 )
 
+#: In `meta` while the census snapshots are deferred (`ReadModel.defer_snapshots`).
+DEFERRED_SNAPSHOTS = "snapshots"
+
 #: The checkpoint of the store runner: the last log position applied.
 STORE_CHECKPOINT = "store"
 
@@ -257,10 +260,10 @@ DEFERRED_INDEXES = frozenset(
     if index.name is not None
 )
 
-#: Indexes only the census snapshots' upkeep uses. A parallel rebuild's shards keep no
-#: snapshots (the merge cuts them all at the end), so the index is dropped while they run
-#: (`shed_upkeep_indexes`) and `finish()` builds it with the others: sorting 614,000 deltas
-#: once is cheaper than inserting each into the index as it comes.
+#: Indexes only the census snapshots' upkeep uses. A rebuild keeps no snapshots as it goes (a
+#: parallel rebuild's merge, or the end of a one-process rebuild's run, cuts them all), so the
+#: index is dropped meanwhile (`shed_upkeep_indexes`) and `finish()` builds it with the
+#: others: sorting 614,000 deltas once is cheaper than inserting each into the index.
 UPKEEP_INDEXES = frozenset(index.name for index in census_deltas.indexes if index.name is not None)
 
 ROW_TABLES: dict[str, Table] = {"stays": stays, "episodes": episodes, "transitions": transitions}
@@ -377,12 +380,37 @@ class ReadModel:
 
     def shed_upkeep_indexes(self) -> None:
         """Drop the indexes only the census snapshots' upkeep uses (`UPKEEP_INDEXES`), for
-        writers that keep no snapshots: a parallel rebuild's shards. `finish()` builds them
-        again; until then the read model's source names the shards, so no ordinary runner
-        (which keeps snapshots) writes it."""
+        writers that keep no snapshots: a parallel rebuild's shards, and a rebuild from the
+        start (`defer_snapshots`). `finish()` builds them again."""
         with self.engine.begin() as conn:
             for name in sorted(UPKEEP_INDEXES):
                 conn.exec_driver_sql(f"DROP INDEX IF EXISTS {name}")
+
+    # -- census snapshots cut at the end of a rebuild ------------------------------------------
+
+    def defer_snapshots(self) -> None:
+        """Keep no census snapshots batch by batch: a rebuild from the start cuts them all at
+        the end of its run instead (`cut_deferred_snapshots`, as a parallel rebuild's merge
+        does), and the index only their upkeep reads is built then (`finish`). Recorded in the
+        read model, so that a runner stopped or killed half-way goes on the same way. Until
+        they are cut the census is still exact: a query sums the deltas from the start."""
+        with self.engine.begin() as conn:
+            _serialize(conn, SNAPSHOT_LOCK)
+            if not _snapshots_deferred(conn):
+                conn.execute(insert(meta).values(key=DEFERRED_SNAPSHOTS, value="deferred"))
+        self.shed_upkeep_indexes()
+
+    def snapshots_deferred(self) -> bool:
+        with self.engine.connect() as conn:
+            return _snapshots_deferred(conn)
+
+    def cut_deferred_snapshots(self) -> None:
+        """Cut every census snapshot if they were deferred (`defer_snapshots`); from then on
+        the writer keeps them batch by batch."""
+        with self.engine.begin() as conn:
+            _serialize(conn, SNAPSHOT_LOCK)
+            if conn.execute(delete(meta).where(meta.c.key == DEFERRED_SNAPSHOTS)).rowcount:
+                _cut_all_snapshots(conn)
 
     def _missing_indexes(self) -> list[Index]:
         from sqlalchemy import inspect
@@ -636,6 +664,11 @@ def _snapshot_rows(
         for key, n in counts.items()
         if n
     ]
+
+
+def _snapshots_deferred(conn: Connection) -> bool:
+    found = conn.execute(select(meta.c.key).where(meta.c.key == DEFERRED_SNAPSHOTS)).first()
+    return found is not None
 
 
 def _cut_all_snapshots(conn: Connection) -> None:

@@ -88,8 +88,8 @@ class _Base:
         self._background = model.engine.dialect.name == "postgresql"
         self._pending: Future[None] | None = None
         self._partial = 0  # batches since the last complete one
-        #: Keep the census snapshots up to date with every batch (not in a parallel
-        #: rebuild's shards: the merge cuts them all at once).
+        #: Keep the census snapshots up to date with every batch (not in a rebuild: a
+        #: parallel rebuild's merge, or the end of a store runner's first run, cuts them all).
         self._snapshots = True
 
     def _past_as_of(self, event: Event) -> bool:
@@ -238,6 +238,11 @@ class StoreRunner(_Base):
         self.progress.position = after
         self.progress.target = self.store.head_position() if until is None else until
         self.fold.fresh = after == 0
+        if self.shard is None:
+            # A rebuild from the start cuts its census snapshots all at once at the end.
+            if after == 0:
+                self.model.defer_snapshots()
+            self._snapshots = not self.model.snapshots_deferred()
         saved = self.model.checkpoint(state_checkpoint(self.name))
         if saved < after and not self._warm_up(saved, after, stop, on_progress):
             self.fold.evict()  # stopped while warming up: nothing was written
@@ -278,8 +283,8 @@ class StoreRunner(_Base):
         if after > saved:
             self._flush({self.name: after}, complete=True)
         self._finish()
-        if self.shard is None:
-            self.model.finish()  # a parallel rebuild finishes once, after its last shard
+        if self.shard is None:  # a parallel rebuild finishes once, after its last shard
+            self.model.finish(alongside=self.model.cut_deferred_snapshots)
         if on_progress:
             on_progress(self.progress)
         return self.progress

@@ -342,6 +342,21 @@ def test_fold_census_equals_domain_fold_on_simulated_cohorts(
     assert census.total == len(domain.active()) > 0
 
 
+def _snapshots(engine: Engine) -> list[Any]:
+    """Every census snapshot: (boundary, deltas, level, site, program, age group, count)."""
+    with engine.connect() as conn:
+        return [
+            (rm.utc(rm._time(row[0])), *row[1:])
+            for row in conn.execute(
+                text(
+                    "SELECT b.boundary, b.deltas, s.level, s.site, s.program, s.age_group,"
+                    " s.count FROM rm_census_boundaries b JOIN rm_census_snapshots s"
+                    " ON s.boundary = b.boundary ORDER BY 1, 3, 4, 5, 6"
+                )
+            )
+        ]
+
+
 @pytest.mark.parametrize("flush_every", [97, 1_000])
 def test_census_as_of_equals_a_replay_to_that_moment(
     engine: Engine,
@@ -364,7 +379,12 @@ def test_census_as_of_equals_a_replay_to_that_moment(
     simulate_cohort(PatientService(store, policies, clock), patients=40, days=120, seed=5)
     model = ReadModel(engine)
     model.create()
-    StoreRunner(store, model, policies, flush_every=flush_every).run()
+    # Snapshots kept batch by batch: a first run (of one event) cuts the snapshots that a
+    # rebuild from the start defers at its end, and from then on they are kept as it goes.
+    runner = StoreRunner(store, model, policies, flush_every=flush_every)
+    runner.run(max_events=1)
+    assert not model.snapshots_deferred()
+    runner.run()
     with engine.connect() as conn:
         snapshots = conn.execute(text("SELECT count(*) FROM rm_census_boundaries")).scalar()
         first = conn.execute(text("SELECT min(recorded_at) FROM events")).scalar()
@@ -405,28 +425,63 @@ def test_census_as_of_equals_a_replay_to_that_moment(
 
     # Cut all at once from the deltas (as a parallel rebuild's merge does), the snapshots
     # are the ones cut batch by batch.
-    def snapshots_now() -> list[Any]:
-        with engine.connect() as conn:
-            return [
-                tuple(row)
-                for row in conn.execute(
-                    text(
-                        "SELECT b.boundary, b.deltas, s.level, s.site, s.program, s.age_group,"
-                        " s.count FROM rm_census_boundaries b JOIN rm_census_snapshots s"
-                        " ON s.boundary = b.boundary ORDER BY 1, 3, 4, 5, 6"
-                    )
-                )
-            ]
-
-    incremental = snapshots_now()
+    incremental = _snapshots(engine)
     with engine.begin() as conn:
         rm._cut_all_snapshots(conn)  # PostgreSQL: the sums in SQL (`_cut_in_sql`)
-    assert snapshots_now() == incremental
+    assert _snapshots(engine) == incremental
     if engine.dialect.name == "postgresql":
         with engine.connect() as conn:
             in_sql, in_python = rm._cut_in_sql(conn), rm._cut_in_python(conn)
         assert in_sql[1] == in_python[1]
         assert sorted(in_sql[0], key=repr) == sorted(in_python[0], key=repr)
+
+
+def test_a_rebuild_from_the_start_cuts_the_census_snapshots_at_the_end_of_its_run(
+    engine: Engine, policies: PolicyRegistry, tmp_path: Any, monkeypatch: Any
+) -> None:
+    """Deferred, they are the snapshots kept batch by batch, also when the rebuild fails
+    half-way and the next run goes on; meanwhile the index only their upkeep reads is not
+    there."""
+    from continuum.adapters.sql.database import create_database_engine
+
+    monkeypatch.setattr(rm, "SNAPSHOT_EVERY", 5)
+    store = SqlEventStore(engine)
+    build_cohort(store, policies)
+    kept = create_database_engine(f"sqlite:///{tmp_path / 'kept.sqlite3'}")
+    kept_model = ReadModel(kept)
+    kept_model.create()
+    kept_runner = StoreRunner(store, kept_model, policies, flush_every=7)
+    kept_runner.run(max_events=1)
+    kept_runner.run()
+    assert len(_snapshots(kept)) > 5
+
+    model = ReadModel(engine)
+    model.create()
+    original = rm._write
+    calls = {"n": 0}
+
+    def failing(conn: Any, table: Any, rows: Any) -> None:
+        if table is rm.census_deltas:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("disk full (simulated)")
+        original(conn, table, rows)
+
+    monkeypatch.setattr(rm, "_write", failing)
+    with pytest.raises(RuntimeError, match="disk full"):
+        StoreRunner(store, model, policies, flush_every=7).run()
+    assert model.snapshots_deferred()
+    assert not rm.UPKEEP_INDEXES & _index_names(engine)
+    assert _snapshots(engine) == []
+
+    seen: list[bool] = []
+    StoreRunner(store, model, policies, flush_every=7).run(
+        on_progress=lambda _: seen.append(model.snapshots_deferred())
+    )
+    assert seen[0] and not seen[-1]  # still deferred as it went on; cut at the end
+    assert _index_names(engine) >= rm.UPKEEP_INDEXES
+    assert _snapshots(engine) == _snapshots(kept)
+    kept.dispose()
 
 
 def test_late_recorded_deltas_are_added_to_earlier_snapshots(
@@ -517,16 +572,18 @@ def test_a_failed_flush_writes_nothing_and_the_runner_resumes(
     build_cohort(store, policies)
     model = ReadModel(sqlite_engine)
     model.create()
-    original = ReadModel._maintain_snapshots
+    original = rm._write
     calls = {"n": 0}
 
-    def failing(self: ReadModel, conn: Any, deltas: Any) -> None:
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("disk full (simulated)")
-        original(self, conn, deltas)
+    def failing(conn: Any, table: Any, rows: Any) -> None:
+        """Fails the third batch after its other rows, while writing its census deltas."""
+        if table is rm.census_deltas:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("disk full (simulated)")
+        original(conn, table, rows)
 
-    monkeypatch.setattr(ReadModel, "_maintain_snapshots", failing)
+    monkeypatch.setattr(rm, "_write", failing)
     runner = StoreRunner(store, model, policies, flush_every=5, page=5)
     with pytest.raises(RuntimeError, match="disk full"):
         runner.run()
@@ -553,16 +610,17 @@ def test_a_long_catch_up_saves_every_patient_every_few_batches(
     build_cohort(store, policies)
     model = ReadModel(sqlite_engine)
     model.create()
-    original = ReadModel._maintain_snapshots
+    original = rm._write
     seen: list[int] = []
 
-    def failing(self: ReadModel, conn: Any, deltas: Any) -> None:
-        seen.append(len(deltas))
-        if len(seen) == 4:
-            raise RuntimeError("disk full (simulated)")
-        original(self, conn, deltas)
+    def failing(conn: Any, table: Any, rows: Any) -> None:
+        if table is rm.census_deltas:
+            seen.append(len(rows))
+            if len(seen) == 4:
+                raise RuntimeError("disk full (simulated)")
+        original(conn, table, rows)
 
-    monkeypatch.setattr(ReadModel, "_maintain_snapshots", failing)
+    monkeypatch.setattr(rm, "_write", failing)
     # One batch per 5 positions: batches 1 and 3 save only patients out of care, batch 2 all.
     with pytest.raises(RuntimeError, match="disk full"):
         StoreRunner(store, model, policies, flush_every=5, page=5).run()
