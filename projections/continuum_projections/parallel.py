@@ -11,9 +11,10 @@ rebuild run again goes on from them, and until it completes the ordinary runner 
 read model (its source names the shards).
 
 Python folds on one core per process; on the 2-core benchmark machine two shards rebuild 1M
-events about 1.4 times as fast as one process (42,048 against 30,130 events/s), with about 1.4
-times its memory in all (docs/benchmarks.md): together they keep both cores busy. The merge
-runs while the query indexes are built (`ReadModel.finish(alongside=...)`).
+events about 1.2-1.4 times as fast as one process (40,902 against 33,228 events/s in the
+latest benchmark run), with about 1.35 times its memory in all (docs/benchmarks.md): together
+they keep both cores busy. The merge runs while the query indexes are built
+(`ReadModel.finish(alongside=...)`).
 """
 
 from __future__ import annotations

@@ -457,17 +457,7 @@ def test_a_rebuild_from_the_start_cuts_the_census_snapshots_at_the_end_of_its_ru
 
     model = ReadModel(engine)
     model.create()
-    original = rm._write
-    calls = {"n": 0}
-
-    def failing(conn: Any, table: Any, rows: Any) -> None:
-        if table is rm.census_deltas:
-            calls["n"] += 1
-            if calls["n"] == 3:
-                raise RuntimeError("disk full (simulated)")
-        original(conn, table, rows)
-
-    monkeypatch.setattr(rm, "_write", failing)
+    _fail_census_deltas(monkeypatch, batch=3)
     with pytest.raises(RuntimeError, match="disk full"):
         StoreRunner(store, model, policies, flush_every=7).run()
     assert model.snapshots_deferred()
@@ -565,6 +555,23 @@ def _assert_equals_a_clean_rebuild(
     assert diff_read_models(clean, engine) == []
 
 
+def _fail_census_deltas(monkeypatch: Any, batch: int) -> list[int]:
+    """Fail the `batch`-th batch that has census deltas, after its other rows, while writing
+    them (inside its transaction). Returns the number of deltas of each batch tried."""
+    original = rm._write
+    seen: list[int] = []
+
+    def failing(conn: Any, table: Any, rows: Any) -> None:
+        if table is rm.census_deltas:
+            seen.append(len(rows))
+            if len(seen) == batch:
+                raise RuntimeError("disk full (simulated)")
+        original(conn, table, rows)
+
+    monkeypatch.setattr(rm, "_write", failing)
+    return seen
+
+
 def test_a_failed_flush_writes_nothing_and_the_runner_resumes(
     sqlite_engine: Engine, policies: PolicyRegistry, monkeypatch: Any
 ) -> None:
@@ -572,18 +579,7 @@ def test_a_failed_flush_writes_nothing_and_the_runner_resumes(
     build_cohort(store, policies)
     model = ReadModel(sqlite_engine)
     model.create()
-    original = rm._write
-    calls = {"n": 0}
-
-    def failing(conn: Any, table: Any, rows: Any) -> None:
-        """Fails the third batch after its other rows, while writing its census deltas."""
-        if table is rm.census_deltas:
-            calls["n"] += 1
-            if calls["n"] == 3:
-                raise RuntimeError("disk full (simulated)")
-        original(conn, table, rows)
-
-    monkeypatch.setattr(rm, "_write", failing)
+    _fail_census_deltas(monkeypatch, batch=3)
     runner = StoreRunner(store, model, policies, flush_every=5, page=5)
     with pytest.raises(RuntimeError, match="disk full"):
         runner.run()
@@ -610,17 +606,7 @@ def test_a_long_catch_up_saves_every_patient_every_few_batches(
     build_cohort(store, policies)
     model = ReadModel(sqlite_engine)
     model.create()
-    original = rm._write
-    seen: list[int] = []
-
-    def failing(conn: Any, table: Any, rows: Any) -> None:
-        if table is rm.census_deltas:
-            seen.append(len(rows))
-            if len(seen) == 4:
-                raise RuntimeError("disk full (simulated)")
-        original(conn, table, rows)
-
-    monkeypatch.setattr(rm, "_write", failing)
+    seen = _fail_census_deltas(monkeypatch, batch=4)
     # One batch per 5 positions: batches 1 and 3 save only patients out of care, batch 2 all.
     with pytest.raises(RuntimeError, match="disk full"):
         StoreRunner(store, model, policies, flush_every=5, page=5).run()
