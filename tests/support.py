@@ -105,6 +105,14 @@ def open_rebuild_parts(
         target.dispose()
 
 
+def index_names(engine: Engine) -> set[str]:
+    """Every index in the engine's database (its schema, on PostgreSQL)."""
+    from sqlalchemy import inspect
+
+    inspector = inspect(engine)
+    return {str(i["name"]) for t in inspector.get_table_names() for i in inspector.get_indexes(t)}
+
+
 def scratch_patient(
     policies: PolicyRegistry, attendances: int = 0, *, actor: Actor | None = None
 ) -> list[PatientEvent]:

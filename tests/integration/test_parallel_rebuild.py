@@ -28,7 +28,13 @@ from continuum_projections.compare import diff_read_models
 from continuum_projections.parallel import Opener, ShardFailed, rebuild
 from continuum_projections.readmodel import ReadModel, ReadModelError
 from continuum_projections.runners import StoreRunner, shard_checkpoint
-from tests.support import FixedClock, fresh_pg_schema, open_rebuild_parts, scratch_patient
+from tests.support import (
+    FixedClock,
+    fresh_pg_schema,
+    index_names,
+    open_rebuild_parts,
+    scratch_patient,
+)
 
 pytestmark = pytest.mark.postgres
 
@@ -84,16 +90,6 @@ def _target(
     """A fresh schema to rebuild into, and the shards' opener for it and the log."""
     with fresh_pg_schema(pg_url, prefix=prefix) as target:
         yield target, functools.partial(_open, pg_url, _schema(log), _schema(target), fail_in_shard)
-
-
-def _index_names(engine: Engine) -> set[str]:
-    with engine.connect() as conn:
-        return {
-            row[0]
-            for row in conn.exec_driver_sql(
-                "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()"
-            )
-        }
 
 
 def _census_at_moments(engine: Engine) -> list[dict[tuple[str, str, str, str], int]]:
@@ -154,7 +150,7 @@ def test_two_shards_build_exactly_the_one_process_read_model(
         _assert_same(reference, built, head)
         assert _assert_snapshots_hold(target, 10) >= 5
         # The query indexes, and the snapshot upkeep's, were built once, after the shards.
-        assert _index_names(target) >= rm.DEFERRED_INDEXES | rm.UPKEEP_INDEXES
+        assert index_names(target) >= rm.DEFERRED_INDEXES | rm.UPKEEP_INDEXES
 
         # The ordinary runner goes on from the merged checkpoint.
         policies = PolicyRegistry.bundled()
@@ -193,11 +189,11 @@ def test_a_stopped_rebuild_is_refused_by_the_ordinary_runner_and_goes_on_when_ru
             )
 
         # The shards keep no snapshots: the index only their upkeep reads is not there yet.
-        assert rm.UPKEEP_INDEXES and not rm.UPKEEP_INDEXES & _index_names(target)
+        assert rm.UPKEEP_INDEXES and not rm.UPKEEP_INDEXES & index_names(target)
 
         rebuild(opener, SHARDS, until=head)
         _assert_same(reference, built, head)
-        assert _index_names(target) >= rm.UPKEEP_INDEXES
+        assert index_names(target) >= rm.UPKEEP_INDEXES
 
 
 def test_a_failed_shard_stops_the_others_and_is_named(

@@ -41,7 +41,7 @@ from continuum_projections.compare import diff_read_models
 from continuum_projections.fold import OutOfOrder
 from continuum_projections.readmodel import ReadModel, ReadModelError
 from continuum_projections.runners import StoreRunner
-from tests.support import T0, FixedClock, assessment
+from tests.support import T0, FixedClock, assessment, index_names
 
 HOUR = dt.timedelta(hours=1)
 
@@ -461,7 +461,7 @@ def test_a_rebuild_from_the_start_cuts_the_census_snapshots_at_the_end_of_its_ru
     with pytest.raises(RuntimeError, match="disk full"):
         StoreRunner(store, model, policies, flush_every=7).run()
     assert model.snapshots_deferred()
-    assert not rm.UPKEEP_INDEXES & _index_names(engine)
+    assert not rm.UPKEEP_INDEXES & index_names(engine)
     assert _snapshots(engine) == []
 
     seen: list[bool] = []
@@ -469,7 +469,7 @@ def test_a_rebuild_from_the_start_cuts_the_census_snapshots_at_the_end_of_its_ru
         on_progress=lambda _: seen.append(model.snapshots_deferred())
     )
     assert seen[0] and not seen[-1]  # still deferred as it went on; cut at the end
-    assert _index_names(engine) >= rm.UPKEEP_INDEXES
+    assert index_names(engine) >= rm.UPKEEP_INDEXES
     assert _snapshots(engine) == _snapshots(kept)
     kept.dispose()
 
@@ -637,13 +637,6 @@ def test_a_run_that_folds_nothing_still_moves_its_state_checkpoint(
     assert StoreRunner(store, model, policies, as_of=T0 - dt.timedelta(days=1)).run().refolded == 0
 
 
-def _index_names(engine: Engine) -> set[str]:
-    from sqlalchemy import inspect
-
-    inspector = inspect(engine)
-    return {str(i["name"]) for t in inspector.get_table_names() for i in inspector.get_indexes(t)}
-
-
 def test_query_indexes_are_built_once_the_first_run_has_caught_up(
     engine: Engine, policies: PolicyRegistry
 ) -> None:
@@ -651,10 +644,10 @@ def test_query_indexes_are_built_once_the_first_run_has_caught_up(
     build_cohort(store, policies)
     model = ReadModel(engine)
     model.create()
-    assert not (rm.DEFERRED_INDEXES & _index_names(engine))
-    assert "ix_rm_census_deltas_recorded_at" in _index_names(engine)  # the writer needs this one
+    assert not (rm.DEFERRED_INDEXES & index_names(engine))
+    assert "ix_rm_census_deltas_recorded_at" in index_names(engine)  # the writer needs this one
     StoreRunner(store, model, policies, flush_every=10).run()
-    assert _index_names(engine) >= rm.DEFERRED_INDEXES
+    assert index_names(engine) >= rm.DEFERRED_INDEXES
     model.finish()  # idempotent
 
 
@@ -677,7 +670,7 @@ def test_finishing_runs_a_merge_alongside_and_the_indexes_are_built_even_if_it_f
     with pytest.raises(MergeFailed):
         model.finish(alongside=failing_merge)
     # Harmless: the next run keeps them up to date.
-    assert _index_names(engine) >= rm.DEFERRED_INDEXES
+    assert index_names(engine) >= rm.DEFERRED_INDEXES
     merged: list[str] = []
     model.finish(alongside=lambda: merged.append("merged"))  # nothing left to build
     assert merged == ["merged"]
