@@ -347,9 +347,9 @@ class ReadModel:
         On PostgreSQL each table then gets a VACUUM (ANALYZE): statistics for the planner and
         a visibility map, so that the covering indexes answer without visiting the tables. Two
         connections share that work (on the million-event benchmark, 2.9 s on one). A parallel
-        rebuild's merge runs as `alongside`, in this thread, meanwhile: the tables it writes
-        (the census snapshots) are vacuumed after it. `alongside` runs whether or not there is
-        anything to build."""
+        rebuild's merge, or a rebuild's deferred snapshots (`cut_deferred_snapshots`), runs as
+        `alongside`, in this thread, meanwhile: the tables it writes (the census snapshots)
+        are vacuumed after it. `alongside` runs whether or not there is anything to build."""
         missing = self._missing_indexes()
         if not missing or self.engine.dialect.name != "postgresql":
             if missing:

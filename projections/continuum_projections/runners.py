@@ -239,10 +239,11 @@ class StoreRunner(_Base):
         self.progress.target = self.store.head_position() if until is None else until
         self.fold.fresh = after == 0
         if self.shard is None:
-            # A rebuild from the start cuts its census snapshots all at once at the end.
+            # A rebuild from the start (and a run going on with one that stopped) cuts its
+            # census snapshots all at once at the end.
             if after == 0:
                 self.model.defer_snapshots()
-            self._snapshots = not self.model.snapshots_deferred()
+            self._snapshots = after != 0 and not self.model.snapshots_deferred()
         saved = self.model.checkpoint(state_checkpoint(self.name))
         if saved < after and not self._warm_up(saved, after, stop, on_progress):
             self.fold.evict()  # stopped while warming up: nothing was written
@@ -284,7 +285,10 @@ class StoreRunner(_Base):
             self._flush({self.name: after}, complete=True)
         self._finish()
         if self.shard is None:  # a parallel rebuild finishes once, after its last shard
-            self.model.finish(alongside=self.model.cut_deferred_snapshots)
+            # A run that kept the snapshots (every run of a follower but its first) has
+            # nothing to cut: no snapshot lock taken at each of its ends.
+            cut = None if self._snapshots else self.model.cut_deferred_snapshots
+            self.model.finish(alongside=cut)
         if on_progress:
             on_progress(self.progress)
         return self.progress
